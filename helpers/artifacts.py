@@ -1,0 +1,108 @@
+"""Atomic writes, manifests and fingerprints shared by every stage.
+
+Every artifact directory carries a ``manifest.json`` saying what produced it and with which
+settings. A stage compares the manifest it would write with the one on disk and skips the
+work when they match. Writes go to a temporary name in the same directory and are renamed
+into place, so an interrupted run never leaves a half file that looks complete.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+MANIFEST = "manifest.json"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_jsonl(path: str | os.PathLike, rows) -> Path:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return Path(path)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Read a JSONL file; a malformed line raises ``ValueError`` naming the file and line."""
+    path = Path(path)
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def fingerprint(obj: Any, n: int = 16) -> str:
+    """A short, stable hash of any JSON-serialisable object (dict order does not matter)."""
+    blob = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:n]
+
+
+def file_digest(path: str | os.PathLike, n: int = 16) -> str | None:
+    """sha256 of a file's bytes, or None when it does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:n]
+
+
+def read_manifest(directory: str | os.PathLike) -> dict | None:
+    p = Path(directory) / MANIFEST
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None  # a damaged manifest means "not done"
+
+
+def write_manifest(directory: str | os.PathLike, manifest: dict) -> Path:
+    return write_json(Path(directory) / MANIFEST, manifest)
+
+
+def is_done(directory: str | os.PathLike, settings: dict) -> bool:
+    """True when ``directory`` has a manifest whose ``settings`` equal ``settings``."""
+    m = read_manifest(directory)
+    return m is not None and m.get("settings") == json.loads(json.dumps(settings, default=str))

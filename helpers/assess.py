@@ -1,0 +1,282 @@
+"""Assessment: the same prompt and decoding for every model, answer extraction, tables.
+
+Flow for one run (``notebooks/03_assess.ipynb`` calls these in order):
+1. ``generate_responses`` per experiment: batched generation on the test split, cached per
+   question id in ``results/<run>/generations/<experiment>.jsonl`` (an interrupted run
+   resumes; changed settings start afresh).
+2. ``score`` reads each response with ``helpers.extract`` and applies the run's overrides CSV.
+3. ``accuracy_table`` / ``write_outputs``: per-question CSVs, the accuracy table (Markdown and
+   CSV) in the study's form plus n and a 95% Wilson interval, and the manual-review CSV.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from . import __version__
+from .artifacts import read_manifest, write_manifest, write_text
+from .data import Record
+from .extract import extract_details
+from .models import model_fingerprint, prompt_text
+from .prompts import student_messages
+
+DECODING_DEFAULTS = {"max_new_tokens": 256, "do_sample": False, "temperature": 1.0, "top_p": 1.0, "seed": 0}
+REVIEW_COLUMNS = ["experiment", "id", "gold", "extracted", "rule", "candidates", "response_sha", "response", "answer"]
+
+
+# --------------------------------------------------------------------------- generation
+def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_new_tokens: int = 256,
+             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+             progress: bool = True, on_batch=None) -> list[dict]:
+    """Generate a response for each prompt (left-padded batches, longest prompts first).
+
+    Returns one dict per prompt, in the order given: ``response`` (special tokens removed),
+    ``n_tokens`` (generated, up to and including end-of-sequence) and ``finished`` (False
+    when ``max_new_tokens`` cut the response). ``on_batch(indices, rows)`` is called after
+    every batch, so callers can save as they go.
+    """
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import GenerationConfig
+
+    if tokenizer.padding_side != "left":
+        raise ValueError("batched generation needs a left-padding tokenizer (models.load_tokenizer sets it)")
+    eos_ids = model.generation_config.eos_token_id
+    eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
+        eos_ids.append(tokenizer.eos_token_id)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=eos_ids, **({"temperature": temperature, "top_p": top_p} if do_sample else {}))
+    # chat templates already contain the special tokens they need
+    add_special = not getattr(tokenizer, "chat_template", None)
+    lengths = [len(tokenizer(p, add_special_tokens=add_special).input_ids) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    results: list[dict | None] = [None] * len(prompts)
+    torch.manual_seed(seed)
+    bar = tqdm(total=len(prompts), desc="generating", unit="q", disable=not progress)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
+                        add_special_tokens=add_special).to(model.device)
+        with torch.inference_mode():
+            out = model.generate(**enc, generation_config=config)
+        new = out[:, enc["input_ids"].shape[1]:].cpu()
+        rows = []
+        for i, seq in zip(idx, new):
+            ids = seq.tolist()
+            n, finished = len(ids), False
+            for j, t in enumerate(ids):
+                if t in eos_ids:
+                    n, finished = j + 1, True
+                    break
+            row = {"response": tokenizer.decode(ids[:n], skip_special_tokens=True).strip(),
+                   "n_tokens": n, "finished": finished}
+            results[i] = row
+            rows.append(row)
+        if on_batch is not None:
+            on_batch(idx, rows)
+        bar.update(len(idx))
+    bar.close()
+    return results  # type: ignore[return-value]
+
+
+def _read_cache(path: Path) -> dict[str, dict]:
+    """Rows of a generation cache by id; a torn last line (interrupted write) is ignored."""
+    rows: dict[str, dict] = {}
+    if not path.is_file():
+        return rows
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for k, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if k == len(lines) - 1:
+                break
+            raise ValueError(f"{path}:{k + 1}: malformed line in a generation cache; delete the file to regenerate")
+        rows[row["id"]] = row
+    return rows
+
+
+def generate_responses(experiment: str, spec: dict, records: list[Record], out_dir: str | Path, *,
+                       batch_size: int = 16, dtype: str = "auto", device: str = "auto",
+                       loaded=None, progress: bool = True, **decoding) -> pd.DataFrame:
+    """Responses of one model (``spec``: ``{"model": id_or_path, "adapter": path_or_None}``) to
+    ``records``, cached by question id under ``out_dir/<experiment>.jsonl``.
+
+    Rows already generated with the same model and decoding settings are reused; only the
+    missing ids are generated, and each batch is appended as soon as it is done.
+    ``loaded=(model, tokenizer)`` skips loading (for callers that hold the model already).
+    """
+    unknown = set(decoding) - set(DECODING_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown decoding setting(s) {sorted(unknown)}; known: {sorted(DECODING_DEFAULTS)}")
+    decoding = {**DECODING_DEFAULTS, **decoding}
+    if "model" not in spec:
+        raise ValueError(f"experiment {experiment!r}: its spec needs a 'model' (hub id, path or embedded name)")
+    out_dir = Path(out_dir) / experiment
+    cache = out_dir / "generations.jsonl"
+    settings = {"model": model_fingerprint(spec["model"], spec.get("adapter")), "decoding": decoding,
+                "prompt": "student_messages/plain-question", "dtype": dtype}
+    manifest = read_manifest(out_dir)
+    if manifest is None or manifest.get("settings") != json.loads(json.dumps(settings)):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if cache.exists():
+            cache.unlink()
+        write_manifest(out_dir, {"stage": "assess.generate", "experiment": experiment,
+                                 "settings": settings, "helpers_version": __version__})
+    done = _read_cache(cache)
+    todo = [r for r in records if r.id not in done]
+    if todo:
+        model, tok = loaded if loaded is not None else _load(spec, dtype, device)
+        prompts = [prompt_text(tok, student_messages(r.question)) for r in todo]
+        with open(cache, "a", encoding="utf-8") as f:
+            def save(idx, rows):
+                for i, row in zip(idx, rows):
+                    rec = {"id": todo[i].id, **row}
+                    done[todo[i].id] = rec
+                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                f.flush()
+
+            generate(model, tok, prompts, batch_size=batch_size, progress=progress, on_batch=save,
+                     **{k: decoding[k] for k in ("max_new_tokens", "do_sample", "temperature", "top_p", "seed")})
+    return pd.DataFrame([{"id": r.id, **{k: done[r.id][k] for k in ("response", "n_tokens", "finished")}}
+                         for r in records])
+
+
+def _load(spec: dict, dtype: str, device: str):
+    from .models import load_model
+
+    return load_model(spec["model"], adapter=spec.get("adapter"), dtype=dtype, device=device)
+
+
+# --------------------------------------------------------------------------- scoring
+def response_sha(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def load_overrides(path: str | Path | None) -> dict[tuple[str, str], tuple[float | None, str]]:
+    """Manual answers from a filled-in review CSV: ``(experiment, id) -> (answer, response_sha)``.
+
+    Rows with an empty ``answer`` are ignored; ``none`` (or -1) means "no answer in the response".
+    """
+    if path is None or not Path(path).is_file():
+        return {}
+    out = {}
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = {"experiment", "id", "answer"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{path}: overrides CSV lacks column(s) {sorted(missing)}")
+        for lineno, row in enumerate(reader, 2):
+            raw = (row.get("answer") or "").strip()
+            if not raw:
+                continue
+            if raw.lower() in ("none", "-1"):
+                value = None
+            else:
+                try:
+                    value = float(raw.replace(",", "").replace("$", ""))
+                except ValueError:
+                    raise ValueError(f"{path}:{lineno}: answer {raw!r} is not a number (or 'none')") from None
+            out[(row["experiment"], row["id"])] = (value, (row.get("response_sha") or "").strip())
+    return out
+
+
+def is_correct(pred: float | None, gold: float) -> bool:
+    return pred is not None and math.isclose(pred, gold, rel_tol=1e-6, abs_tol=1e-6)
+
+
+def score(experiment: str, records: list[Record], responses: pd.DataFrame, *, mode: str = "robust",
+          overrides: dict | None = None) -> pd.DataFrame:
+    """Per-question table: id, question, gold, response, extracted (-1 = none), rule, correct, needs_review.
+
+    Records and responses are joined by id. An override applies only while the response it
+    was written for is unchanged (its ``response_sha`` matches, when given).
+    """
+    by_id = {row.id: row for row in responses.itertuples(index=False)}
+    missing = [r.id for r in records if r.id not in by_id]
+    if missing:
+        raise ValueError(f"experiment {experiment!r}: no response for {len(missing)} question(s), e.g. {missing[:3]}")
+    overrides = overrides or {}
+    rows = []
+    for r in records:
+        resp = by_id[r.id]
+        ex = extract_details(resp.response, mode)
+        value, rule, review = ex.value, ex.rule, ex.needs_review
+        sha = response_sha(resp.response)
+        if (experiment, r.id) in overrides:
+            o_value, o_sha = overrides[(experiment, r.id)]
+            if not o_sha or o_sha == sha:
+                value, rule, review = o_value, "override", False
+        rows.append({
+            "id": r.id, "question": r.question, "gold": r.answer, "response": resp.response,
+            "extracted": -1 if value is None else value, "rule": rule or "none",
+            "correct": is_correct(value, r.answer), "needs_review": review,
+            "candidates": json.dumps(ex.candidates), "n_tokens": resp.n_tokens, "finished": resp.finished,
+            "response_sha": sha,
+        })
+    return pd.DataFrame(rows)
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval for k successes out of n (sensible at 0 and n, unlike the normal one)."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def accuracy_table(scored: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """One row per experiment, in the given order: the study's columns plus n, the interval and
+    the share of responses with an explicitly stated final answer."""
+    rows = []
+    for name, df in scored.items():
+        n, k = len(df), int(df["correct"].sum())
+        lo, hi = wilson_interval(k, n)
+        explicit = df["rule"].isin(["boxed", "hashes", "answer_label", "answer_phrase", "override"])
+        rows.append({"Experiment": name, "Accuracy": k / n if n else float("nan"), "# Questions Correct": k,
+                     "n": n, "CI low": lo, "CI high": hi,
+                     "Final answer stated": float(explicit.mean()) if n else float("nan"),
+                     "Needs review": int(df["needs_review"].sum())})
+    return pd.DataFrame(rows)
+
+
+def table_markdown(table: pd.DataFrame, title: str | None = None, notes: list[str] | None = None) -> str:
+    """The accuracy table as Markdown, percentages with one decimal."""
+    head = "| Experiment | Accuracy | # Questions Correct | n | 95% CI | Final answer stated | Needs review |"
+    lines = ([f"# {title}", ""] if title else []) + [head, "|" + "---|" * 7]
+    for _, r in table.iterrows():
+        lines.append(f"| {r['Experiment']} | {100 * r['Accuracy']:.1f}% | {r['# Questions Correct']} | {r['n']} | "
+                     f"{100 * r['CI low']:.1f}–{100 * r['CI high']:.1f}% | {100 * r['Final answer stated']:.1f}% "
+                     f"| {r['Needs review']} |")
+    if notes:
+        lines += [""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(logs_dir: str | Path, scored: dict[str, pd.DataFrame], *, title: str | None = None,
+                  notes: list[str] | None = None) -> pd.DataFrame:
+    """Write per-question CSVs, ``accuracy.md``/``accuracy.csv`` and ``manual_review.csv`` (atomically)."""
+    logs_dir = Path(logs_dir)
+    (logs_dir / "per_question").mkdir(parents=True, exist_ok=True)
+    for name, df in scored.items():
+        write_text(logs_dir / "per_question" / f"{name}.csv",
+                   df.drop(columns=["candidates", "response_sha"]).to_csv(index=False))
+    table = accuracy_table(scored)
+    write_text(logs_dir / "accuracy.csv", table.to_csv(index=False))
+    write_text(logs_dir / "accuracy.md", table_markdown(table, title, notes))
+    review = [
+        {"experiment": name, **{k: row[k] for k in REVIEW_COLUMNS[1:-1]}, "answer": ""}
+        for name, df in scored.items() for _, row in df[df["needs_review"]].iterrows()
+    ]
+    write_text(logs_dir / "manual_review.csv", pd.DataFrame(review, columns=REVIEW_COLUMNS).to_csv(index=False))
+    return table

@@ -1,0 +1,228 @@
+"""Problem sources, all turned into one record shape.
+
+``Record(id, question, solution, answer)``: ``solution`` is the reference chain of thought in
+GSM8K form (ending in ``#### N``), ``answer`` the numeric gold answer as a float.
+
+Sources
+- ``gsm_symbolic`` (the embedded default): problems made offline by reasoning-gym's
+  ``gsm_symbolic`` generator from a seed. One seeded stream is cut into test, validation and
+  train, in that order, with duplicate questions dropped, so the test split depends only on
+  its own size and never shares a question with the others.
+- ``gsm8k`` / ``gsm8k-socratic``: ``openai/gsm8k`` (configs ``main`` / ``socratic``) through
+  ``datasets``, or, with ``data_dir``, the original JSONL files (``train.jsonl``, ``test.jsonl``,
+  ``train_socratic.jsonl``, ``test_socratic.jsonl``). Validation is a seeded sample of the
+  GSM8K train file, disjoint from the train split; test is GSM8K's test file.
+
+Ids are stable: they depend on the source, the split and the problem, never on the order
+in which records are later sorted or batched.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+SPLITS = ("train", "validation", "test")
+SOURCES = ("gsm_symbolic", "gsm8k", "gsm8k-socratic")
+
+# reasoning-gym appends an output instruction to every question; the project's prompts own
+# that instruction instead, so GSM-Symbolic questions read like GSM8K ones.
+_RG_SUFFIX = re.compile(r"\s*Give the result as your final answer\. Do not include units\.\s*$")
+_GOLD_NUMBER = re.compile(r"^[-+−]?\$?\s*(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?$|^[-+−]?\$?\.\d+$")
+
+
+@dataclass(frozen=True)
+class Record:
+    id: str
+    question: str
+    solution: str
+    answer: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_gold(solution: str, where: str = "solution") -> float:
+    """The number after the last ``####`` of a GSM8K solution: ``#### 1,234``, ``#### -5``, ``#### 2.5``."""
+    if "####" not in solution:
+        raise ValueError(f"{where}: no '#### <number>' gold answer at the end of the solution")
+    raw = solution.rsplit("####", 1)[1].strip().rstrip(".")
+    if not _GOLD_NUMBER.match(raw):
+        raise ValueError(f"{where}: gold answer {raw!r} after '####' is not a number")
+    return float(raw.replace(",", "").replace("$", "").replace(" ", "").replace("−", "-"))
+
+
+def _stable_id(prefix: str, text: str) -> str:
+    return f"{prefix}-{hashlib.sha1(text.encode()).hexdigest()[:10]}"
+
+
+# --------------------------------------------------------------------------- GSM-Symbolic
+def _gsm_symbolic(seed: int, sizes: dict[str, int]) -> dict[str, list[Record]]:
+    import reasoning_gym
+
+    wanted = sum(sizes.values())
+    out: dict[str, list[Record]] = {s: [] for s in ("test", "validation", "train")}
+    order = [s for s in ("test", "validation", "train") if sizes.get(s, 0) > 0]
+    seen: set[str] = set()
+    # generate in growing chunks until every split is full (duplicates and the rare
+    # inconsistent item are skipped, so a little more than `wanted` is needed)
+    size, index = max(64, int(wanted * 1.1) + 16), 0
+    while order:
+        ds = reasoning_gym.create_dataset("gsm_symbolic", size=size, seed=seed)
+        while index < size and order:
+            item = ds[index]
+            index += 1
+            question = _RG_SUFFIX.sub("", item["question"]).strip()
+            solution = item["metadata"]["answer_cot"].strip()
+            if question in seen:
+                continue
+            try:
+                gold = parse_gold(solution)
+            except ValueError:
+                continue
+            if abs(gold - float(item["metadata"]["answer_value"])) > 1e-9:
+                continue  # the generator's chain of thought and its answer disagree: skip it
+            seen.add(question)
+            split = order[0]
+            out[split].append(Record(_stable_id(f"gsmsym{seed}", question), question, solution, gold))
+            if len(out[split]) == sizes[split]:
+                order.pop(0)
+        size *= 2
+        if size > 50 * wanted + 10_000:
+            raise RuntimeError("gsm_symbolic produced too few distinct problems for the requested sizes")
+    return out
+
+
+# --------------------------------------------------------------------------- GSM8K
+def read_gsm8k_jsonl(path: str | Path, prefix: str | None = None) -> list[Record]:
+    """Read a file in the original GSM8K format (one JSON object per line: question, answer).
+
+    Raises ``FileNotFoundError`` / ``ValueError`` naming the file and line for anything wrong.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GSM8K file not found: {path}")
+    prefix = prefix or f"gsm8k-{path.stem}"
+    records, seen = [], {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: malformed JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: expected a JSON object with 'question' and 'answer'")
+            for field in ("question", "answer"):
+                if not isinstance(row.get(field), str) or not row[field].strip():
+                    raise ValueError(f"{where}: missing or empty field {field!r}")
+            records.append(_gsm8k_record(row["question"], row["answer"], prefix, where, seen))
+    if not records:
+        raise ValueError(f"{path}: no problems in the file")
+    return records
+
+
+def _gsm8k_record(question: str, answer: str, prefix: str, where: str, seen: dict) -> Record:
+    gold = parse_gold(answer, where)
+    rid = _stable_id(prefix, question.strip())
+    if rid in seen:  # GSM8K has a few repeated questions: keep them, with distinct ids
+        seen[rid] += 1
+        rid = f"{rid}-{seen[rid]}"
+    else:
+        seen[rid] = 0
+    return Record(rid, question.strip(), answer.strip(), gold)
+
+
+def _gsm8k_hub(config: str, split: str, prefix: str) -> list[Record]:
+    try:
+        import datasets
+
+        ds = datasets.load_dataset("openai/gsm8k", config, split=split)
+    except Exception as e:  # offline, no cache, or a hub error
+        raise RuntimeError(
+            f"could not load openai/gsm8k ({config}, {split}) through datasets: {e}\n"
+            "Without a reachable hub, pass data_dir= pointing at the GSM8K JSONL files."
+        ) from e
+    seen: dict = {}
+    return [_gsm8k_record(r["question"], r["answer"], prefix, f"openai/gsm8k[{split}] row {i}", seen)
+            for i, r in enumerate(ds)]
+
+
+def _gsm8k(source: str, seed: int, sizes: dict[str, int], data_dir: str | None) -> dict[str, list[Record]]:
+    config = "socratic" if source == "gsm8k-socratic" else "main"
+    suffix = "_socratic" if config == "socratic" else ""
+
+    def load(file_split: str) -> list[Record]:
+        prefix = f"gsm8k{suffix}-{file_split}"
+        if data_dir is not None:
+            return read_gsm8k_jsonl(Path(data_dir) / f"{file_split}{suffix}.jsonl", prefix)
+        return _gsm8k_hub(config, file_split, prefix)
+
+    out: dict[str, list[Record]] = {}
+    if sizes.get("train", 0) or sizes.get("validation", 0):
+        pool = load("train")
+        order = list(range(len(pool)))
+        random.Random(seed).shuffle(order)
+        n_val = sizes.get("validation", 0)
+        if n_val + sizes.get("train", 0) > len(pool):
+            raise ValueError(f"asked for {n_val} validation + {sizes.get('train', 0)} train problems, "
+                             f"but the GSM8K train file has {len(pool)}")
+        out["validation"] = [pool[i] for i in order[:n_val]]
+        out["train"] = [pool[i] for i in order[n_val:n_val + sizes.get("train", 0)]]
+    if sizes.get("test", 0):
+        test = load("test")
+        out["test"] = test[: sizes["test"]]  # the file order: the first n are the same for every seed
+    return out
+
+
+# --------------------------------------------------------------------------- public API
+def load_splits(source: str = "gsm_symbolic", *, n_train: int = 0, n_validation: int = 0,
+                n_test: int = 0, seed: int = 0, data_dir: str | None = None) -> dict[str, list[Record]]:
+    """Load train / validation / test records of one source (sizes of 0 skip a split)."""
+    sizes = {"train": int(n_train), "validation": int(n_validation), "test": int(n_test)}
+    if any(v < 0 for v in sizes.values()):
+        raise ValueError(f"split sizes must be non-negative, got {sizes}")
+    if source == "gsm_symbolic":
+        if data_dir is not None:
+            raise ValueError("data_dir is only for the gsm8k sources")
+        out = _gsm_symbolic(seed, sizes)
+    elif source in ("gsm8k", "gsm8k-socratic"):
+        out = _gsm8k(source, seed, sizes, data_dir)
+    else:
+        raise ValueError(f"unknown data source {source!r}; choose one of {', '.join(SOURCES)}")
+    return {s: out.get(s, []) for s in SPLITS}
+
+
+def load_split(split: str, source: str = "gsm_symbolic", n: int = 100, seed: int = 0,
+               data_dir: str | None = None, **sizes: int) -> list[Record]:
+    """One split. ``sizes`` (n_train=, n_validation=, n_test=) pins the other splits' sizes when
+    the source cuts one stream into several (gsm_symbolic), so the records match load_splits."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    sizes = {f"n_{s}": sizes.get(f"n_{s}", 0) for s in SPLITS}
+    sizes[f"n_{split}"] = n
+    return load_splits(source, seed=seed, data_dir=data_dir, **sizes)[split]
+
+
+def save_records(path: str | Path, records: list[Record]) -> Path:
+    from .artifacts import write_jsonl
+
+    return write_jsonl(path, [r.to_dict() for r in records])
+
+
+def load_records(path: str | Path) -> list[Record]:
+    """Read records written by ``save_records``; errors name the file and line."""
+    from .artifacts import read_jsonl
+
+    out = []
+    for i, row in enumerate(read_jsonl(path), 1):
+        missing = [k for k in ("id", "question", "solution", "answer") if k not in row]
+        if missing:
+            raise ValueError(f"{path}: record {i} lacks field(s) {missing}")
+        out.append(Record(str(row["id"]), row["question"], row["solution"], float(row["answer"])))
+    return out

