@@ -1,0 +1,211 @@
+"""The teacher writes solutions and its top-k log-probabilities are recorded per token.
+
+Two modes:
+- ``generate``: the teacher answers the strategy prompt (greedy by default, sampling settable);
+  a logits processor inside ``transformers``' own ``generate`` records, at every step, the top-k
+  token ids and log-probabilities of the teacher's raw distribution (temperature 1, before any
+  sampling warper) and the log-probability of the token actually taken. The capture keeps
+  everything on the device until the batch ends, so it costs little beyond ``generate``.
+- ``score``: teacher forcing of a given text (a reference solution), one forward pass per batch,
+  the same quantities at every position of the text.
+
+``build_store`` runs either mode over a list of records and writes a ``logit_store``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+from . import __version__
+from .artifacts import fingerprint, read_manifest, write_manifest
+from .logit_store import LogitStore, shard_name, write_shard
+from .models import model_fingerprint, prompt_text, tokenizer_fingerprint
+from .prompts import teacher_messages
+
+
+class TopKCapture(LogitsProcessor):
+    """Records top-k log-probs of the scores it sees and returns them unchanged.
+
+    ``transformers`` runs custom processors before the sampling warpers (temperature, top-p),
+    so with no penalties configured the scores seen here are the model's raw logits.
+    """
+
+    def __init__(self, k: int):
+        self.k = k
+        self.topk_ids: list[torch.Tensor] = []
+        self.topk_logprobs: list[torch.Tensor] = []
+        self.taken_logprobs: list[torch.Tensor] = []
+        self._prev: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self._prev is not None:  # the token chosen at the previous step is now the last input
+            self.taken_logprobs.append(self._prev.gather(1, input_ids[:, -1:]).squeeze(1))
+        logp = torch.log_softmax(scores.float(), dim=-1)
+        values, ids = logp.topk(self.k, dim=-1)
+        self.topk_ids.append(ids.to(torch.int32))
+        self.topk_logprobs.append(values.to(torch.float16))
+        self._prev = logp
+        return scores
+
+    def finish(self, new_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Stack the capture, given the generated tokens ``[B, T]``."""
+        if self._prev is not None:
+            self.taken_logprobs.append(self._prev.gather(1, new_tokens[:, -1:]).squeeze(1))
+            self._prev = None
+        return {"topk_ids": torch.stack(self.topk_ids, 1).cpu(),
+                "topk_logprobs": torch.stack(self.topk_logprobs, 1).cpu(),
+                "token_logprobs": torch.stack(self.taken_logprobs, 1).float().cpu()}
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos.append(tokenizer.eos_token_id)
+    return eos
+
+
+def _add_special(tokenizer) -> bool:
+    return not getattr(tokenizer, "chat_template", None)
+
+
+def generate_with_capture(model, tokenizer, prompts: list[str], *, k: int = 64, max_new_tokens: int = 256,
+                          do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                          capture: bool = True) -> list[dict]:
+    """One batch: generate and (if ``capture``) record top-k log-probs at every new token.
+
+    Each row: ``token_ids`` (up to and including end-of-sequence), ``response``, ``finished``, and
+    with capture ``topk_ids`` [n, k], ``topk_logprobs`` [n, k], ``token_logprobs`` [n].
+    ``capture=False`` is plain ``generate`` on the same inputs (the benchmark's reference).
+    """
+    eos = _eos_ids(model, tokenizer)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample,
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
+                              **({"temperature": temperature, "top_p": top_p} if do_sample else {}))
+    enc = tokenizer(prompts, return_tensors="pt", padding=True,
+                    add_special_tokens=_add_special(tokenizer)).to(model.device)
+    proc = TopKCapture(min(k, model.config.get_text_config().vocab_size)) if capture else None
+    with torch.inference_mode():
+        out = model.generate(**enc, generation_config=config,
+                             logits_processor=LogitsProcessorList([proc] if proc else []))
+    new = out[:, enc["input_ids"].shape[1]:]
+    cap = proc.finish(new) if proc else None
+    new = new.cpu()
+    rows = []
+    for b, seq in enumerate(new.tolist()):
+        n = next((j + 1 for j, t in enumerate(seq) if t in eos), len(seq))
+        row = {"token_ids": seq[:n], "finished": n < len(seq) or seq[n - 1] in eos,
+               "response": tokenizer.decode(seq[:n], skip_special_tokens=True).strip()}
+        if cap is not None:
+            row.update({key: v[b, :n].numpy() for key, v in cap.items()})
+        rows.append(row)
+    return rows
+
+
+def score_with_capture(model, tokenizer, prompts: list[str], texts: list[str], *, k: int = 64) -> list[dict]:
+    """One batch of teacher forcing: the teacher reads ``prompt + text + eos``; top-k log-probs at
+    every token of ``text`` (and of the closing end-of-sequence token)."""
+    eos = tokenizer.eos_token_id
+    add = _add_special(tokenizer)
+    prompt_ids = [tokenizer(p, add_special_tokens=add).input_ids for p in prompts]
+    text_ids = [tokenizer(t, add_special_tokens=False).input_ids + [eos] for t in texts]
+    seqs = [p + t for p, t in zip(prompt_ids, text_ids)]
+    width = max(map(len, seqs))
+    pad = tokenizer.pad_token_id
+    # left padding: every sequence ends at the last column, so the last L logits cover all texts
+    input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=model.device)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=model.device)
+    longest = max(map(len, text_ids))
+    with torch.inference_mode():
+        logits = model(input_ids=input_ids, attention_mask=mask, logits_to_keep=longest + 1).logits
+    rows = []
+    for b, t in enumerate(text_ids):
+        n = len(t)
+        # logits at column j predict token j+1: the text's n tokens are predicted by the n
+        # columns just before the last one
+        lp = torch.log_softmax(logits[b, -n - 1:-1].float(), dim=-1)
+        values, ids = lp.topk(min(k, lp.shape[-1]), dim=-1)
+        target = torch.tensor(t, device=lp.device)
+        rows.append({"token_ids": t, "finished": True,
+                     "response": tokenizer.decode(t, skip_special_tokens=True).strip(),
+                     "topk_ids": ids.to(torch.int32).cpu().numpy(),
+                     "topk_logprobs": values.to(torch.float16).cpu().numpy(),
+                     "token_logprobs": lp.gather(1, target[:, None]).squeeze(1).cpu().numpy()})
+    return rows
+
+
+def build_store(out_dir: str | Path, records, *, teacher: str, strategy: str, mode: str = "generate",
+                k: int = 64, max_new_tokens: int = 256, do_sample: bool = False, temperature: float = 1.0,
+                top_p: float = 1.0, seed: int = 0, batch_size: int = 8, shard_size: int = 64,
+                templates: dict | None = None, dtype: str = "auto", device: str = "auto",
+                loaded=None, progress: bool = True, stop_after_shards: int | None = None) -> LogitStore:
+    """Teacher outputs for ``records`` under ``strategy``, written as a sharded store in ``out_dir``.
+
+    ``mode="generate"``: the teacher writes a solution; ``mode="score"``: it reads the record's
+    reference solution by teacher forcing. A store with the same settings is resumed at its
+    first missing shard (or returned as it is when complete); different settings start afresh.
+    ``stop_after_shards`` stops early (to test resuming).
+    """
+    from tqdm.auto import tqdm
+
+    if mode not in ("generate", "score"):
+        raise ValueError(f"unknown teacher mode {mode!r}; use 'generate' or 'score'")
+    out_dir = Path(out_dir)
+    records = list(records)
+    model, tok = loaded if loaded is not None else _load(teacher, dtype, device)
+    settings = {"teacher": model_fingerprint(teacher), "tokenizer": tokenizer_fingerprint(tok),
+                "strategy": strategy, "mode": mode, "k": k, "template": _template(strategy, templates),
+                "decoding": {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
+                             "temperature": temperature, "top_p": top_p, "seed": seed} if mode == "generate" else None,
+                "batch_size": batch_size, "shard_size": shard_size,
+                "examples": fingerprint([r.id for r in records])}
+    n_shards = (len(records) + shard_size - 1) // shard_size
+    manifest = read_manifest(out_dir)
+    if manifest is None or manifest.get("settings") != settings:
+        for old in out_dir.glob("shard-*.safetensors"):
+            old.unlink()
+        write_manifest(out_dir, {"stage": "teacher", "settings": settings, "n_shards": n_shards,
+                                 "n_examples": len(records), "helpers_version": __version__})
+    bar = tqdm(total=len(records), desc=f"teacher {strategy}", unit="q", disable=not progress)
+    written = 0
+    for s in range(n_shards):
+        chunk = records[s * shard_size:(s + 1) * shard_size]
+        path = out_dir / shard_name(s)
+        if path.is_file():
+            bar.update(len(chunk))
+            continue
+        if stop_after_shards is not None and written >= stop_after_shards:
+            break
+        torch.manual_seed(seed + s)  # sampling is reproducible per shard, so resuming changes nothing
+        rows = []
+        for b in range(0, len(chunk), batch_size):
+            batch = chunk[b:b + batch_size]
+            prompts = [prompt_text(tok, teacher_messages(strategy, r.question, r.solution, templates)) for r in batch]
+            if mode == "generate":
+                out = generate_with_capture(model, tok, prompts, k=k, max_new_tokens=max_new_tokens,
+                                            do_sample=do_sample, temperature=temperature, top_p=top_p)
+            else:
+                out = score_with_capture(model, tok, prompts, [r.solution for r in batch], k=k)
+            rows += [{"id": r.id, **o} for r, o in zip(batch, out)]
+            bar.update(len(batch))
+        write_shard(path, rows)
+        written += 1
+    bar.close()
+    return LogitStore(out_dir)
+
+
+def _template(strategy: str, templates: dict | None) -> str:
+    from .prompts import STRATEGIES
+
+    table = {**STRATEGIES, **(templates or {})}
+    if strategy not in table:
+        raise ValueError(f"unknown prompting strategy {strategy!r}; known: {', '.join(table)}")
+    return table[strategy]
+
+
+def _load(name: str, dtype: str, device: str):
+    from .models import load_model
+
+    return load_model(name, dtype=dtype, device=device)

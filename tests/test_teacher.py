@@ -1,0 +1,140 @@
+import numpy as np
+import pytest
+import torch
+
+from helpers import models, teacher
+from helpers.data import Record
+from helpers.logit_store import LogitStore
+from helpers.prompts import student_messages
+
+RECORDS = [Record(f"r{i}", q, f"{i} + 1 = {i + 1}\n#### {i + 1}", float(i + 1)) for i, q in enumerate([
+    "Tom has 3 apples and buys 4 more. How many?", "What is 10 - 5?",
+    "Natalia sold 48 clips in April and half as many in May. How many altogether?", "What is 2 * 6?",
+    "Weng earns $12 an hour for babysitting 50 minutes. How much?"])]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_dir):
+    return models.load_model(tiny_dir, dtype="fp32")
+
+
+def _prompts(tok, recs=RECORDS):
+    return [models.prompt_text(tok, student_messages(r.question)) for r in recs]
+
+
+def test_capture_does_not_change_generation(loaded):
+    model, tok = loaded
+    with_cap = teacher.generate_with_capture(model, tok, _prompts(tok), k=8, max_new_tokens=10)
+    plain = teacher.generate_with_capture(model, tok, _prompts(tok), k=8, max_new_tokens=10, capture=False)
+    assert [r["token_ids"] for r in with_cap] == [r["token_ids"] for r in plain]
+    for r in with_cap:
+        n = len(r["token_ids"])
+        assert r["topk_ids"].shape == (n, 8) and r["topk_logprobs"].shape == (n, 8) and r["token_logprobs"].shape == (n,)
+        # greedy: the token taken is the teacher's top-1
+        assert list(r["topk_ids"][:, 0]) == r["token_ids"]
+
+
+def test_capture_matches_a_full_forward_pass(loaded):
+    """The recorded log-probs are the model's full-vocabulary log-softmax at each generated position."""
+    model, tok = loaded
+    prompt = _prompts(tok)[2]
+    row = teacher.generate_with_capture(model, tok, [prompt], k=len(tok), max_new_tokens=8)[0]
+    p_ids = tok(prompt, add_special_tokens=False).input_ids
+    full = torch.tensor([p_ids + row["token_ids"]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(full).logits[0].float(), -1)[len(p_ids) - 1:-1]
+    torch.testing.assert_close(torch.from_numpy(row["token_logprobs"]),
+                               logp.gather(1, torch.tensor(row["token_ids"])[:, None]).squeeze(1), atol=1e-5, rtol=0)
+    top = logp.topk(len(tok), -1)
+    torch.testing.assert_close(torch.from_numpy(row["topk_logprobs"]).float(), top.values, atol=2e-2, rtol=1e-3)
+
+
+def test_sampled_capture_records_the_raw_distribution(loaded):
+    """With sampling at T = 0.5 and top-p, the store still holds the untempered distribution."""
+    model, tok = loaded
+    prompt = _prompts(tok)[0]
+    torch.manual_seed(0)
+    row = teacher.generate_with_capture(model, tok, [prompt], k=len(tok), max_new_tokens=6, do_sample=True,
+                                        temperature=0.5, top_p=0.9)[0]
+    p_ids = tok(prompt, add_special_tokens=False).input_ids
+    with torch.no_grad():
+        logits = model(torch.tensor([p_ids + row["token_ids"]])).logits[0, len(p_ids) - 1:-1].float()
+    raw = torch.log_softmax(logits, -1).gather(1, torch.tensor(row["token_ids"])[:, None]).squeeze(1)
+    torch.testing.assert_close(torch.from_numpy(row["token_logprobs"]), raw, atol=1e-5, rtol=0)
+    tempered = torch.log_softmax(logits / 0.5, -1).gather(1, torch.tensor(row["token_ids"])[:, None]).squeeze(1)
+    assert not torch.allclose(raw, tempered, atol=1e-3)
+
+
+def test_score_mode_agrees_with_generation(loaded):
+    """Teacher forcing of the generated text gives the same numbers as the capture during generation."""
+    model, tok = loaded
+    prompts = _prompts(tok)
+    gen = teacher.generate_with_capture(model, tok, prompts, k=16, max_new_tokens=8)
+    ids = [r["token_ids"] for r in gen]
+    # score exactly these token ids: bypass detokenisation by scoring through the same tokenizer round trip
+    texts = [tok.decode(t) for t in ids]
+    assert [tok(t, add_special_tokens=False).input_ids for t in texts] == ids
+    scored = teacher.score_with_capture(model, tok, prompts, texts, k=16)
+    for g, s in zip(gen, scored):
+        n = len(g["token_ids"])
+        assert s["token_ids"][:n] == g["token_ids"] and s["token_ids"][n] == tok.eos_token_id
+        np.testing.assert_allclose(s["token_logprobs"][:n], g["token_logprobs"], atol=1e-4)
+        assert (s["topk_ids"][:n] == g["topk_ids"]).all()
+
+
+def _store_arrays(store):
+    return {rid: (store.get(rid).response, *[getattr(store.get(rid), f).tolist()
+                  for f in ("token_ids", "topk_ids", "topk_logprobs", "token_logprobs")]) for rid in store.ids()}
+
+
+def test_resumed_store_equals_uninterrupted(loaded, tiny_dir, tmp_path):
+    kw = dict(teacher=tiny_dir, strategy="teacher", k=8, max_new_tokens=6, batch_size=2, shard_size=2,
+              loaded=loaded, progress=False)
+    whole = teacher.build_store(tmp_path / "whole", RECORDS, **kw)
+    assert whole.complete and whole.ids() == [r.id for r in RECORDS]
+    part = teacher.build_store(tmp_path / "part", RECORDS, stop_after_shards=1, **kw)
+    assert not part.complete and len(part) == 2
+    resumed = teacher.build_store(tmp_path / "part", RECORDS, **kw)
+    assert resumed.complete
+    assert _store_arrays(resumed) == _store_arrays(whole)
+    for s in range(3):
+        name = f"shard-{s:05d}.safetensors"
+        assert (tmp_path / "part" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    # the arrays cost exactly 6·k + 8 bytes per token; the rest is the per-shard header (ids, texts)
+    import struct
+    payload = 0
+    for s in range(3):
+        raw = (tmp_path / "whole" / f"shard-{s:05d}.safetensors").read_bytes()
+        payload += len(raw) - 8 - struct.unpack("<Q", raw[:8])[0]
+    assert payload - 8 * (len(RECORDS) + 3) == whole.tokens() * (6 * 8 + 8)  # offsets: n + 1 int64 per shard
+
+
+def test_changed_settings_start_afresh(loaded, tiny_dir, tmp_path):
+    kw = dict(teacher=tiny_dir, strategy="base", max_new_tokens=4, batch_size=4, shard_size=4,
+              loaded=loaded, progress=False)
+    a = teacher.build_store(tmp_path / "s", RECORDS, k=4, **kw)
+    assert a.k == 4
+    b = teacher.build_store(tmp_path / "s", RECORDS, k=6, **kw)
+    assert b.k == 6 and b.get("r0").topk_ids.shape[1] == 6
+
+
+def test_score_mode_store_covers_reference_solutions(loaded, tiny_dir, tmp_path):
+    store = teacher.build_store(tmp_path / "gh", RECORDS, teacher=tiny_dir, strategy="gold-hint", mode="score",
+                                k=4, batch_size=3, shard_size=10, loaded=loaded, progress=False)
+    _, tok = loaded
+    rec = store.get("r3")
+    assert list(rec.token_ids) == tok(RECORDS[3].solution, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    with pytest.raises(KeyError, match="'nope'"):
+        store.get("nope")
+
+
+def test_tokenizer_mismatch_is_refused(loaded, tiny_dir, tmp_path):
+    store = teacher.build_store(tmp_path / "s", RECORDS[:2], teacher=tiny_dir, strategy="base", k=4,
+                                max_new_tokens=3, loaded=loaded, progress=False)
+    store.check_tokenizer(models.tokenizer_fingerprint(loaded[1]))
+    with pytest.raises(ValueError, match="token ids would not line up"):
+        store.check_tokenizer("0123456789abcdef")
+    with pytest.raises(FileNotFoundError, match="not a teacher logit store"):
+        LogitStore(tmp_path / "nothing")
+    with pytest.raises(ValueError, match="unknown teacher mode"):
+        teacher.build_store(tmp_path / "x", RECORDS, teacher=tiny_dir, strategy="base", mode="beam", loaded=loaded)
