@@ -59,10 +59,23 @@ def fold_teacher(topk_logprobs: torch.Tensor, T: float = 1.0) -> torch.Tensor:
     return full
 
 
-def fold_student(student_logits: torch.Tensor, topk_ids: torch.Tensor, T: float = 1.0) -> torch.Tensor:
-    """Student log-probs over the teacher's top-k ids plus a tail category: [..., k + 1]."""
-    logp = torch.log_softmax(student_logits.float() / T, dim=-1)
-    at_k = logp.gather(-1, topk_ids.long())
+def _student_lse(z: torch.Tensor, T: float, lse1: torch.Tensor | None = None) -> torch.Tensor:
+    """log-sum-exp of the (float) student logits at temperature T, reusing the T = 1 value."""
+    if T == 1.0 and lse1 is not None:
+        return lse1
+    return torch.logsumexp(z / T if T != 1.0 else z, dim=-1)
+
+
+def fold_student(student_logits: torch.Tensor, topk_ids: torch.Tensor, T: float = 1.0,
+                 _lse: torch.Tensor | None = None) -> torch.Tensor:
+    """Student log-probs over the teacher's top-k ids plus a tail category: [..., k + 1].
+
+    Only the k gathered logits and one log-sum-exp per position are formed; the full
+    log-softmax over the vocabulary is never materialised.
+    """
+    z = student_logits.float()
+    lse = _student_lse(z, T) if _lse is None else _lse
+    at_k = z.gather(-1, topk_ids.long()) / T - lse.unsqueeze(-1)
     tail = _log1mexp(torch.logsumexp(at_k, dim=-1))
     return torch.cat([at_k, tail.unsqueeze(-1)], dim=-1)
 
@@ -83,40 +96,54 @@ def reverse_kl(student_logits, topk_ids, topk_logprobs, mask, T: float = 1.0) ->
     return _masked_mean(_kl(fold_student(student_logits, topk_ids, T), fold_teacher(topk_logprobs, T)), mask)
 
 
+def _jsd(lp: torch.Tensor, lq: torch.Tensor, beta: float) -> torch.Tensor:
+    if not 0.0 < beta < 1.0:
+        raise ValueError(f"jsd needs 0 < beta < 1, got {beta}")
+    lm = torch.logsumexp(torch.stack([lp + math.log(beta), lq + math.log(1 - beta)]), dim=0)
+    return beta * _kl(lp, lm) + (1 - beta) * _kl(lq, lm)
+
+
 def jsd(student_logits, topk_ids, topk_logprobs, mask, T: float = 1.0, beta: float = 0.5) -> torch.Tensor:
     """Generalised Jensen-Shannon divergence: β·KL(p‖m) + (1-β)·KL(q‖m), m = β·p + (1-β)·q,
     p the teacher, q the student. β → 0 approaches forward KL up to scale, β → 1 reverse KL."""
-    if not 0.0 < beta < 1.0:
-        raise ValueError(f"jsd needs 0 < beta < 1, got {beta}")
     lp, lq = fold_teacher(topk_logprobs, T), fold_student(student_logits, topk_ids, T)
-    lm = torch.logsumexp(torch.stack([lp + math.log(beta), lq + math.log(1 - beta)]), dim=0)
-    return _masked_mean(beta * _kl(lp, lm) + (1 - beta) * _kl(lq, lm), mask)
+    return _masked_mean(_jsd(lp, lq, beta), mask)
 
 
-def cross_entropy(student_logits, target_ids, mask) -> torch.Tensor:
+def cross_entropy(student_logits, target_ids, mask, _lse: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of the target tokens (T = 1), mean over counted tokens."""
-    logp = torch.log_softmax(student_logits.float(), dim=-1)
-    return _masked_mean(-logp.gather(-1, target_ids.long().unsqueeze(-1)).squeeze(-1), mask)
+    z = student_logits.float()
+    lse = torch.logsumexp(z, dim=-1) if _lse is None else _lse
+    return _masked_mean(lse - z.gather(-1, target_ids.long().unsqueeze(-1)).squeeze(-1), mask)
 
 
 def kd_loss(kind: str, student_logits, target_ids, mask, topk_ids=None, topk_logprobs=None, *,
             T: float = 1.0, alpha: float = 0.5, beta: float = 0.5) -> tuple[torch.Tensor, dict]:
     """``alpha · T² · KD + (1 - alpha) · CE``; ``kind="ce"`` is cross-entropy alone.
 
+    The student's logits are upcast and reduced (log-sum-exp) once and shared by both terms.
     Returns the loss and its parts (floats) for logging.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown loss kind {kind!r}; choose one of {', '.join(KINDS)}")
-    ce = cross_entropy(student_logits, target_ids, mask)
+    z = student_logits.float()
+    lse1 = torch.logsumexp(z, dim=-1)
     if kind == "ce" or alpha == 0.0:
+        ce = cross_entropy(z, target_ids, mask, _lse=lse1)
         return ce, {"ce": ce.item(), "kd": float("nan")}
     if topk_ids is None or topk_logprobs is None:
         raise ValueError(f"loss {kind!r} needs the teacher's top-k ids and log-probs")
+    # one gather for the target and the teacher's k ids (one sparse backward instead of two)
+    picked = z.gather(-1, torch.cat([target_ids.long().unsqueeze(-1), topk_ids.long()], dim=-1))
+    ce = _masked_mean(lse1 - picked[..., 0], mask)
+    at_k = picked[..., 1:] / T - _student_lse(z, T, lse1).unsqueeze(-1)
+    lq = torch.cat([at_k, _log1mexp(torch.logsumexp(at_k, dim=-1)).unsqueeze(-1)], dim=-1)
+    lp = fold_teacher(topk_logprobs, T)
     if kind == "forward_kl":
-        kd = forward_kl(student_logits, topk_ids, topk_logprobs, mask, T)
+        kd = _masked_mean(_kl(lp, lq), mask)
     elif kind == "reverse_kl":
-        kd = reverse_kl(student_logits, topk_ids, topk_logprobs, mask, T)
+        kd = _masked_mean(_kl(lq, lp), mask)
     else:
-        kd = jsd(student_logits, topk_ids, topk_logprobs, mask, T, beta)
+        kd = _masked_mean(_jsd(lp, lq, beta), mask)
     loss = alpha * T * T * kd + (1 - alpha) * ce
     return loss, {"ce": ce.item(), "kd": kd.item()}

@@ -1,0 +1,221 @@
+"""LoRA distillation of the student on a teacher store (or on reference solutions).
+
+One short loop, top to bottom: examples joined to teacher records by id, real padded
+mini-batches, the chosen loss (``helpers.losses``), SGD with momentum (or AdamW) under one cosine
+schedule over the whole run, validation loss after every epoch, the adapter saved at the end.
+Devices and several GPUs are handled by ``accelerate``: the same code runs on a CPU, one GPU, or
+under ``accelerate launch`` on several.
+
+The student always sees the plain question (its chat template) followed by the solution tokens:
+the teacher's own tokens for KD (the teacher saw its strategy prompt, the student does not), or
+the reference solution for fine-tuning. Loss positions are the solution tokens only.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .artifacts import is_done, write_json, write_manifest
+from .losses import KINDS, kd_loss
+from .models import prompt_text, tokenizer_fingerprint
+from .prompts import student_messages
+
+DEFAULTS = {
+    "loss": "forward_kl", "T": 1.0, "alpha": 0.5, "beta": 0.5,
+    "optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0,
+    "epochs": 2, "batch_size": 4, "grad_accum": 1, "max_length": 512,
+    "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.1,
+    "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj"], "seed": 0,
+}
+_CALC = re.compile(r"<<[^<>]*>>")
+
+
+@dataclass
+class Example:
+    id: str
+    input_ids: list[int]
+    n_prompt: int
+    topk_ids: np.ndarray | None = None
+    topk_logprobs: np.ndarray | None = None
+
+
+def plain_solution(text: str) -> str:
+    """A reference solution as a student should write it: GSM8K's ``<<48/2=24>>`` calculator notes removed."""
+    return _CALC.sub("", text).strip()
+
+
+def build_examples(records, tokenizer, store=None, *, max_length: int = 512) -> list[Example]:
+    """Student examples for ``records``: KD targets from ``store`` (joined by id) or, without a
+    store, the reference solution followed by end-of-sequence. Too-long examples are cut."""
+    add = not getattr(tokenizer, "chat_template", None)
+    if store is not None:
+        store.check_tokenizer(tokenizer_fingerprint(tokenizer))
+        missing = [r.id for r in records if r.id not in store]
+        if missing:
+            raise ValueError(f"{len(missing)} example(s) have no teacher record in {store.path}, "
+                             f"e.g. {missing[:3]}: build the store for the same split and sizes")
+    out = []
+    for r in records:
+        prompt = tokenizer(prompt_text(tokenizer, student_messages(r.question)), add_special_tokens=add).input_ids
+        if store is not None:
+            t = store.get(r.id)
+            target, ids, lps = list(map(int, t.token_ids)), t.topk_ids, t.topk_logprobs
+        else:
+            target = tokenizer(plain_solution(r.solution), add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+            ids = lps = None
+        room = max_length - len(prompt)
+        if room < 1:
+            raise ValueError(f"example {r.id}: the prompt alone has {len(prompt)} tokens, over max_length={max_length}")
+        target = target[:room]
+        if ids is not None:
+            ids, lps = ids[:room], lps[:room]
+        out.append(Example(r.id, prompt + target, len(prompt), ids, lps))
+    return out
+
+
+def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch. ``targets``/``mask``/``topk_*`` are already shifted: position j holds
+    what the logits at position j must predict (token j + 1)."""
+    width = max(len(e.input_ids) for e in batch)
+    B = len(batch)
+    input_ids = torch.full((B, width), pad_id, dtype=torch.long)
+    attention = torch.zeros((B, width), dtype=torch.long)
+    mask = torch.zeros((B, width - 1))
+    k = next((e.topk_ids.shape[1] for e in batch if e.topk_ids is not None), 0)
+    topk_ids = torch.zeros((B, width - 1, k), dtype=torch.long)
+    topk_lps = torch.full((B, width - 1, k), -30.0)  # finite filler where nothing counts
+    for b, e in enumerate(batch):
+        n = len(e.input_ids)
+        input_ids[b, :n] = torch.tensor(e.input_ids)
+        attention[b, :n] = 1
+        mask[b, e.n_prompt - 1:n - 1] = 1
+        if k:
+            m = n - e.n_prompt
+            topk_ids[b, e.n_prompt - 1:n - 1] = torch.from_numpy(np.asarray(e.topk_ids[:m], np.int64))
+            topk_lps[b, e.n_prompt - 1:n - 1] = torch.from_numpy(np.asarray(e.topk_logprobs[:m], np.float32))
+    out = {"input_ids": input_ids, "attention_mask": attention, "targets": input_ids[:, 1:].clone(), "mask": mask}
+    if k:
+        out.update(topk_ids=topk_ids, topk_logprobs=topk_lps)
+    return out
+
+
+def batch_loss(model, batch: dict, cfg: dict) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """Forward pass and the variant's loss on one collated batch; also returns the token count."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    loss, parts = kd_loss(cfg["loss"], logits, batch["targets"], batch["mask"],
+                          batch.get("topk_ids"), batch.get("topk_logprobs"),
+                          T=cfg["T"], alpha=cfg["alpha"], beta=cfg["beta"])
+    return loss, parts, batch["mask"].sum()
+
+
+def evaluate(model, loader, cfg: dict, accelerator=None) -> float:
+    """Token-weighted mean loss over a loader."""
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        for batch in loader:
+            loss, _, n = batch_loss(model, batch, cfg)
+            part = torch.stack([loss.detach().double() * n.double(), n.double()])
+            if accelerator is not None:
+                part = accelerator.reduce(part.to(accelerator.device), reduction="sum").cpu()
+            total += part.cpu()
+    model.train()
+    return float(total[0] / total[1].clamp_min(1))
+
+
+def train(model, tokenizer, train_examples: list[Example], val_examples: list[Example], cfg: dict,
+          progress: bool = True):
+    """Train LoRA adapters on ``model`` in place; returns ``(peft_model, history)``."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from peft import LoraConfig, get_peft_model
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    cfg = {**DEFAULTS, **cfg}
+    if cfg["loss"] not in KINDS:
+        raise ValueError(f"unknown loss {cfg['loss']!r}; choose one of {', '.join(KINDS)}")
+    if cfg["loss"] != "ce" and train_examples and train_examples[0].topk_ids is None:
+        raise ValueError(f"loss {cfg['loss']!r} needs teacher distributions; these examples have none")
+    set_seed(cfg["seed"])
+    accelerator = Accelerator(gradient_accumulation_steps=cfg["grad_accum"])
+    lora = LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"],
+                      target_modules=list(cfg["lora_targets"]), task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    pad = tokenizer.pad_token_id
+    make = lambda exs, shuffle: DataLoader(exs, batch_size=cfg["batch_size"], shuffle=shuffle,  # noqa: E731
+                                           collate_fn=lambda b: collate(b, pad),
+                                           generator=torch.Generator().manual_seed(cfg["seed"]))
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg["optimizer"] == "sgd":
+        opt = torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+    elif cfg["optimizer"] == "adamw":
+        opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    else:
+        raise ValueError(f"unknown optimizer {cfg['optimizer']!r}; use sgd or adamw")
+    model, opt, train_loader, val_loader = accelerator.prepare(model, opt, make(train_examples, True),
+                                                               make(val_examples, False))
+    # one cosine over every optimizer step of the whole run: no restart between epochs
+    total_steps = cfg["epochs"] * math.ceil(len(train_loader) / cfg["grad_accum"])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps))
+    history = {"step": [], "train_loss": [], "lr": [], "epoch_end_step": [], "val_loss": [],
+               "val_loss_before": evaluate(model, val_loader, cfg, accelerator)}
+    step, t0 = 0, time.time()
+    bar = tqdm(total=total_steps, desc="distilling", disable=not (progress and accelerator.is_main_process))
+    model.train()
+    for epoch in range(cfg["epochs"]):
+        for batch in train_loader:
+            with accelerator.accumulate(model):
+                loss, parts, _ = batch_loss(model, batch, cfg)
+                accelerator.backward(loss)
+                opt.step()
+                opt.zero_grad()
+            if accelerator.sync_gradients:
+                history["lr"].append(sched.get_last_lr()[0])
+                sched.step()
+                step += 1
+                history["step"].append(step)
+                history["train_loss"].append(loss.item())
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        history["epoch_end_step"].append(step)
+        history["val_loss"].append(evaluate(model, val_loader, cfg, accelerator))
+    bar.close()
+    history["seconds"] = round(time.time() - t0, 1)
+    return accelerator.unwrap_model(model), history
+
+
+def save_adapter(peft_model, out_dir: str | Path, history: dict, settings: dict) -> Path:
+    """Write adapter + history + manifest to ``out_dir`` atomically (a temporary folder renamed)."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        peft_model.save_pretrained(tmp)
+        write_json(tmp / "history.json", history)
+        write_manifest(tmp, {"stage": "distill", "settings": settings, "helpers_version": __version__})
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def load_history(adapter_dir: str | Path) -> dict:
+    return json.loads((Path(adapter_dir) / "history.json").read_text())
+
+
+def is_trained(adapter_dir: str | Path, settings: dict) -> bool:
+    """True when ``adapter_dir`` holds an adapter trained with exactly ``settings``."""
+    return is_done(adapter_dir, settings) and (Path(adapter_dir) / "adapter_config.json").is_file()

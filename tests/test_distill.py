@@ -1,0 +1,114 @@
+import numpy as np
+import pytest
+import torch
+
+from helpers import distill, losses, models, teacher
+from helpers.data import Record
+
+RECORDS = [Record(f"r{i}", q, f"{i} + 1 = <<{i}+1={i + 1}>>{i + 1}\n#### {i + 1}", float(i + 1)) for i, q in enumerate([
+    "Tom has 3 apples and buys 4 more. How many?", "What is 10 - 5?",
+    "Natalia sold 48 clips in April and half as many in May. How many altogether?", "What is 2 * 6?",
+    "Weng earns $12 an hour for babysitting 50 minutes. How much?", "What is 7 + 7?"])]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_dir):
+    return models.load_model(tiny_dir, dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def store(loaded, tiny_dir, tmp_path_factory):
+    return teacher.build_store(tmp_path_factory.mktemp("store"), RECORDS, teacher=tiny_dir, strategy="teacher",
+                               k=8, max_new_tokens=7, batch_size=4, shard_size=4, loaded=loaded, progress=False)
+
+
+def test_plain_solution_drops_calculator_notes():
+    assert distill.plain_solution("48/2 = <<48/2=24>>24 clips\n#### 72") == "48/2 = 24 clips\n#### 72"
+
+
+def test_examples_join_by_id_and_align_with_teacher(loaded, store):
+    _, tok = loaded
+    shuffled = RECORDS[::-1]
+    exs = distill.build_examples(shuffled, tok, store)
+    assert [e.id for e in exs] == [r.id for r in shuffled]
+    for e in exs:
+        t = store.get(e.id)
+        assert e.input_ids[e.n_prompt:] == list(t.token_ids)
+        prompt = models.prompt_text(tok, [{"role": "user", "content": RECORDS[int(e.id[1:])].question}])
+        assert e.input_ids[:e.n_prompt] == tok(prompt, add_special_tokens=False).input_ids
+    with pytest.raises(ValueError, match="no teacher record"):
+        distill.build_examples(RECORDS + [Record("zz", "q?", "#### 1", 1.0)], tok, store)
+
+
+def test_reference_examples_end_with_eos(loaded):
+    _, tok = loaded
+    e = distill.build_examples(RECORDS[:1], tok)[0]
+    assert e.input_ids[-1] == tok.eos_token_id and e.topk_ids is None
+    assert tok.decode(e.input_ids[e.n_prompt:-1]) == "0 + 1 = 1\n#### 1"
+    cut = distill.build_examples(RECORDS[:1], tok, max_length=e.n_prompt + 3)[0]
+    assert len(cut.input_ids) == e.n_prompt + 3
+
+
+def test_collate_shifts_labels_and_aligns_teacher_rows(loaded, store):
+    _, tok = loaded
+    exs = distill.build_examples(RECORDS[:3], tok, store)
+    b = distill.collate(exs, tok.pad_token_id)
+    for i, e in enumerate(exs):
+        t = store.get(e.id)
+        pos = torch.nonzero(b["mask"][i]).squeeze(1)
+        assert pos.tolist() == list(range(e.n_prompt - 1, len(e.input_ids) - 1))
+        assert b["targets"][i, pos].tolist() == list(t.token_ids)
+        assert b["topk_ids"][i, pos].tolist() == t.topk_ids.tolist()
+        np.testing.assert_array_equal(b["topk_logprobs"][i, pos].numpy(), t.topk_logprobs.astype(np.float32))
+        assert b["attention_mask"][i].sum() == len(e.input_ids)
+
+
+def test_padded_batch_loss_equals_per_example_losses(loaded, store):
+    """Padding and batching change nothing: the batch loss is the token-weighted mean of each example's."""
+    model, tok = loaded
+    exs = distill.build_examples(RECORDS, tok, store)
+    cfg = {**distill.DEFAULTS, "loss": "jsd", "T": 2.0}
+    with torch.no_grad():
+        batch, _, n = distill.batch_loss(model, distill.collate(exs, tok.pad_token_id), cfg)
+        single = [distill.batch_loss(model, distill.collate([e], tok.pad_token_id), cfg) for e in exs]
+    ref = sum(l.item() * c.item() for l, _, c in single) / sum(c.item() for _, _, c in single)
+    assert batch.item() == pytest.approx(ref, abs=1e-5)
+    # and the KD part equals a direct computation from the store on unpadded inputs
+    e, t = exs[0], store.get(exs[0].id)
+    with torch.no_grad():
+        logits = model(torch.tensor([e.input_ids])).logits[0, e.n_prompt - 1:-1]
+    direct = losses.jsd(logits[None], torch.from_numpy(t.topk_ids.astype(np.int64))[None],
+                        torch.from_numpy(t.topk_logprobs.astype(np.float32))[None], torch.ones(1, len(t)), T=2.0)
+    _, parts, _ = single[0]
+    assert parts["kd"] == pytest.approx(direct.item(), abs=1e-5)
+
+
+def test_training_lowers_validation_loss_and_saves_adapter(tiny_dir, store, tmp_path):
+    model, tok = models.load_model(tiny_dir, dtype="fp32")
+    exs = distill.build_examples(RECORDS, tok, store)
+    cfg = {"loss": "forward_kl", "optimizer": "adamw", "lr": 5e-3, "epochs": 3, "batch_size": 2,
+           "lora_dropout": 0.0, "T": 1.0, "alpha": 0.5}
+    peft_model, hist = distill.train(model, tok, exs, exs, cfg, progress=False)
+    assert len(hist["train_loss"]) == 9 and hist["epoch_end_step"] == [3, 6, 9]
+    assert hist["val_loss"][-1] < hist["val_loss_before"]
+    # one cosine over the whole run: the learning rate never goes back up between epochs
+    assert all(a >= b for a, b in zip(hist["lr"], hist["lr"][1:])) and hist["lr"][0] == 5e-3
+    out = distill.save_adapter(peft_model, tmp_path / "adapters" / "v", hist, {"x": 1})
+    assert distill.is_trained(out, {"x": 1}) and not distill.is_trained(out, {"x": 2})
+    assert distill.load_history(out)["val_loss"] == hist["val_loss"]
+    tuned, _ = models.load_model(tiny_dir, adapter=str(out), dtype="fp32")
+    ids = torch.tensor([exs[0].input_ids])
+    with torch.no_grad():
+        torch.testing.assert_close(tuned(ids).logits, peft_model.eval()(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_sgd_fine_tuning_on_reference_solutions(tiny_dir):
+    model, tok = models.load_model(tiny_dir, dtype="fp32")
+    exs = distill.build_examples(RECORDS, tok)
+    _, hist = distill.train(model, tok, exs, exs[:2], {"loss": "ce", "lr": 0.05, "epochs": 2, "batch_size": 3},
+                            progress=False)
+    assert len(hist["val_loss"]) == 2 and np.isfinite(hist["train_loss"]).all()
+    with pytest.raises(ValueError, match="needs teacher distributions"):
+        distill.train(models.load_model(tiny_dir)[0], tok, exs, exs, {"loss": "forward_kl"}, progress=False)
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        distill.train(models.load_model(tiny_dir)[0], tok, exs, exs, {"loss": "ce", "optimizer": "lion"})
