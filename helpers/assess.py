@@ -224,6 +224,26 @@ def score(experiment: str, records: list[Record], responses: pd.DataFrame, *, mo
     return pd.DataFrame(rows)
 
 
+def kd_divergence(model, tokenizer, store, records: list[Record], *, batch_size: int = 8) -> float:
+    """Mean forward KL (T = 1, top-k with tail, see ``helpers.losses``) from the teacher's stored
+    distributions to ``model`` over every solution token of ``records``: how close a student has
+    come to its teacher, a signal that moves even when accuracy is near zero."""
+    import torch
+
+    from .distill import batch_loss, build_examples, collate
+
+    examples = build_examples(records, tokenizer, store)
+    cfg = {"loss": "forward_kl", "T": 1.0, "alpha": 1.0, "beta": 0.5}
+    total, count = 0.0, 0.0
+    with torch.inference_mode():
+        for i in range(0, len(examples), batch_size):
+            batch = {k: v.to(model.device) for k, v in collate(examples[i:i + batch_size], tokenizer.pad_token_id).items()}
+            loss, parts, n = batch_loss(model, batch, cfg)
+            total += parts["kd"] * n.item()
+            count += n.item()
+    return total / max(count, 1.0)
+
+
 def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     """95% Wilson score interval for k successes out of n (sensible at 0 and n, unlike the normal one)."""
     if n == 0:
@@ -250,28 +270,49 @@ def accuracy_table(scored: dict[str, pd.DataFrame]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def markdown_table(df: pd.DataFrame, floatfmt: str = ".3f") -> str:
+    """Any small frame as a Markdown table (floats formatted, no extra dependency)."""
+    fmt = lambda v: format(v, floatfmt) if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+STANDARD_COLUMNS = ["Experiment", "Accuracy", "# Questions Correct", "n", "CI low", "CI high",
+                    "Final answer stated", "Needs review"]
+
+
 def table_markdown(table: pd.DataFrame, title: str | None = None, notes: list[str] | None = None) -> str:
-    """The accuracy table as Markdown, percentages with one decimal."""
-    head = "| Experiment | Accuracy | # Questions Correct | n | 95% CI | Final answer stated | Needs review |"
-    lines = ([f"# {title}", ""] if title else []) + [head, "|" + "---|" * 7]
+    """The accuracy table as Markdown, percentages with one decimal; extra columns (e.g. the KD
+    divergence) follow the standard ones with three decimals (blank where not measured)."""
+    extra = [c for c in table.columns if c not in STANDARD_COLUMNS]
+    head = ["Experiment", "Accuracy", "# Questions Correct", "n", "95% CI", "Final answer stated", "Needs review"] + extra
+    lines = ([f"# {title}", ""] if title else []) + ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in table.iterrows():
-        lines.append(f"| {r['Experiment']} | {100 * r['Accuracy']:.1f}% | {r['# Questions Correct']} | {r['n']} | "
-                     f"{100 * r['CI low']:.1f}–{100 * r['CI high']:.1f}% | {100 * r['Final answer stated']:.1f}% "
-                     f"| {r['Needs review']} |")
+        cells = [str(r["Experiment"]), f"{100 * r['Accuracy']:.1f}%", str(r["# Questions Correct"]), str(r["n"]),
+                 f"{100 * r['CI low']:.1f}–{100 * r['CI high']:.1f}%", f"{100 * r['Final answer stated']:.1f}%",
+                 str(r["Needs review"])]
+        cells += ["" if pd.isna(r[c]) else f"{r[c]:.3f}" for c in extra]
+        lines.append("| " + " | ".join(cells) + " |")
     if notes:
         lines += [""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
 
 def write_outputs(logs_dir: str | Path, scored: dict[str, pd.DataFrame], *, title: str | None = None,
-                  notes: list[str] | None = None) -> pd.DataFrame:
-    """Write per-question CSVs, ``accuracy.md``/``accuracy.csv`` and ``manual_review.csv`` (atomically)."""
+                  notes: list[str] | None = None, extra: dict[str, dict[str, float]] | None = None) -> pd.DataFrame:
+    """Write per-question CSVs, ``accuracy.md``/``accuracy.csv`` and ``manual_review.csv`` (atomically).
+
+    ``extra`` adds columns: ``{column: {experiment: value}}`` (missing experiments stay blank).
+    """
     logs_dir = Path(logs_dir)
     (logs_dir / "per_question").mkdir(parents=True, exist_ok=True)
     for name, df in scored.items():
         write_text(logs_dir / "per_question" / f"{name}.csv",
                    df.drop(columns=["candidates", "response_sha"]).to_csv(index=False))
     table = accuracy_table(scored)
+    for column, values in (extra or {}).items():
+        table[column] = [values.get(name, float("nan")) for name in table["Experiment"]]
     write_text(logs_dir / "accuracy.csv", table.to_csv(index=False))
     write_text(logs_dir / "accuracy.md", table_markdown(table, title, notes))
     review = [

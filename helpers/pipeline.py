@@ -97,14 +97,52 @@ def stage_plan(cfg: dict, root: Path, overrides: dict | None = None) -> list[dic
         declared = set(pm.inspect_notebook(str(nb)))
         given = {**cfg["params"], **st["params"], **(overrides or {}),
                  "run_name": run, "results_dir": str(results_dir), "logs_dir": str(logs_dir)}
-        params = {k: v for k, v in given.items() if k in declared}
-        inputs = {p: file_digest(root / p.format(run=run)) for p in st["inputs"]}
-        fp = fingerprint({"notebook": file_digest(nb), "params": params, "inputs": inputs,
-                          "helpers_version": __version__})
-        plan.append({"name": st["name"], "notebook": nb, "params": params, "fingerprint": fp,
-                     "output": results_dir / "notebooks" / f"{st['name']}.ipynb",
-                     "record": results_dir / "stages" / f"{st['name']}.json"})
+        for name, extra in _instances(st, given):
+            params = {k: v for k, v in {**given, **extra}.items() if k in declared}
+            plan.append({"name": name, "notebook": nb, "params": params, "inputs": st["inputs"],
+                         "output": results_dir / "notebooks" / f"{name}.ipynb",
+                         "record": results_dir / "stages" / f"{name}.json"})
     return plan
+
+
+def stage_fingerprint(stage: dict, root: Path, run: str) -> str:
+    """Notebook, parameters and input files of a stage, hashed. Taken just before the stage
+    would run, so that it sees what the stages before it have written."""
+    return fingerprint({"notebook": file_digest(stage["notebook"]), "params": stage["params"],
+                        "inputs": _input_digests(root, stage["inputs"], run), "helpers_version": __version__})
+
+
+def _instances(stage: dict, given: dict) -> list[tuple[str, dict]]:
+    """One stage, or one instance per entry when the stage has ``each: {param: collection}``.
+
+    ``each: {variant: variants}`` runs the notebook once per key of the ``variants`` mapping with
+    ``variant=<key>`` and ``variant_spec=<its mapping>``, named ``<stage>-<key>``.
+    """
+    each = stage.get("each")
+    if not each:
+        return [(stage["name"], {})]
+    if not (isinstance(each, dict) and len(each) == 1):
+        raise ValueError(f"stage {stage['name']!r}: 'each' must be one 'param: collection' pair")
+    (param, source), = each.items()
+    items = given.get(source)
+    if isinstance(items, list):
+        items = {str(x): {} for x in items}
+    if not isinstance(items, dict) or not items:
+        raise ValueError(f"stage {stage['name']!r}: 'each' needs a non-empty mapping or list in params.{source}")
+    return [(f"{stage['name']}-{key}", {param: key, f"{param}_spec": spec or {}}) for key, spec in items.items()]
+
+
+def _input_digests(root: Path, patterns: list[str], run: str) -> dict[str, str | None]:
+    """Digest of each input file (glob patterns allowed, relative to ``root``); absent files count as None."""
+    out: dict[str, str | None] = {}
+    for pat in patterns:
+        pat = pat.format(run=run)
+        matches = sorted(root.glob(pat)) if any(c in pat for c in "*?[") else [root / pat]
+        for p in matches:
+            out[str(p.relative_to(root))] = file_digest(p)
+        if not matches:
+            out[pat] = None
+    return out
 
 
 def run_stage(stage: dict, *, kernel: str, log_output: bool = False) -> None:
@@ -143,8 +181,9 @@ def run_profile(profile: str | Path = "quick", *, root: str | Path = ".", only: 
     root = Path(root).resolve()
     plan = stage_plan(cfg, root, overrides)
     names = [s["name"] for s in plan]
+    selected = lambda name, o: name == o or name.startswith(o + "-")  # noqa: E731  (02_distill = all variants)
     for o in only or []:
-        if o not in names:
+        if not any(selected(n, o) for n in names):
             raise ValueError(f"--only {o!r}: no such stage in {cfg['path']}; stages: {', '.join(names)}")
     kernel = ensure_kernel()
     executed = []
@@ -153,10 +192,11 @@ def run_profile(profile: str | Path = "quick", *, root: str | Path = ".", only: 
           f"results in {root / 'results' / str(run)}, tables in {root / 'logs' / str(run)}", flush=True)
     for i, stage in enumerate(plan, 1):
         tag = f"[{i}/{len(plan)}] {stage['name']}"
-        if only and stage["name"] not in only:
+        if only and not any(selected(stage["name"], o) for o in only):
             print(f"{tag}: not selected", flush=True)
             continue
         record = _read_record(stage["record"])
+        stage["fingerprint"] = stage_fingerprint(stage, root, str(run))
         if not force and record and record.get("fingerprint") == stage["fingerprint"] and stage["output"].is_file():
             print(f"{tag}: done already (same parameters and inputs), skipped", flush=True)
             continue

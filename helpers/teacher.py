@@ -209,3 +209,34 @@ def _load(name: str, dtype: str, device: str):
     from .models import load_model
 
     return load_model(name, dtype=dtype, device=device)
+
+
+REFERENCE_SUFFIX = "@reference"
+
+
+def parse_strategy(entry: str) -> tuple[str, str]:
+    """``"teacher"`` -> (teacher, generate); ``"gold-hint@reference"`` -> (gold-hint, score):
+    the teacher reads the reference solution under that strategy's prompt (teacher forcing)."""
+    if entry.endswith(REFERENCE_SUFFIX):
+        return entry[: -len(REFERENCE_SUFFIX)], "score"
+    return entry, "generate"
+
+
+def store_dir(results_dir: str | Path, strategy_entry: str, split: str) -> Path:
+    """Where notebook 01 writes (and 02, 03 read) the store of one strategy and split."""
+    return Path(results_dir) / "teacher" / strategy_entry / split
+
+
+def store_summary(store: LogitStore, records, extract_mode: str = "robust") -> dict:
+    """One table row about a store: size, response lengths, and the teacher's own accuracy."""
+    from .assess import is_correct
+    from .extract import extract_answer
+
+    recs = [r for r in records if r.id in store]
+    lengths = [len(store.get(r.id)) for r in recs]
+    correct = [is_correct(extract_answer(store.get(r.id).response, extract_mode), r.answer) for r in recs]
+    finished = [store.get(r.id).finished for r in recs]
+    n = max(1, len(recs))
+    return {"examples": len(recs), "tokens": sum(lengths), "mean tokens": sum(lengths) / n,
+            "finished": sum(finished) / n, "teacher accuracy": sum(correct) / n,
+            "bytes/token": round(store.bytes_per_token(), 1)}
