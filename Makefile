@@ -9,7 +9,7 @@ PROFILE ?= quick
 TORCH  ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run test lab clean
+.PHONY: setup run test bench lab clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,9 @@ run: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python -m helpers.bench
 
 lab: $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[lab]"

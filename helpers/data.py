@@ -31,6 +31,7 @@ SOURCES = ("gsm_symbolic", "gsm8k", "gsm8k-socratic")
 # reasoning-gym appends an output instruction to every question; the project's prompts own
 # that instruction instead, so GSM-Symbolic questions read like GSM8K ones.
 _RG_SUFFIX = re.compile(r"\s*Give the result as your final answer\. Do not include units\.\s*$")
+_CALC = re.compile(r"<<[^<>]*>>")
 _GOLD_NUMBER = re.compile(r"^[-+−]?\$?\s*(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?$|^[-+−]?\$?\.\d+$")
 
 
@@ -53,6 +54,11 @@ def parse_gold(solution: str, where: str = "solution") -> float:
     if not _GOLD_NUMBER.match(raw):
         raise ValueError(f"{where}: gold answer {raw!r} after '####' is not a number")
     return float(raw.replace(",", "").replace("$", "").replace(" ", "").replace("−", "-"))
+
+
+def plain_solution(text: str) -> str:
+    """A reference solution as a model should write it: GSM8K's ``<<48/2=24>>`` calculator notes removed."""
+    return _CALC.sub("", text).strip()
 
 
 def _stable_id(prefix: str, text: str) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import shutil
 import tempfile
 import time
@@ -26,6 +25,7 @@ import torch
 
 from . import __version__
 from .artifacts import is_done, write_json, write_manifest
+from .data import plain_solution
 from .losses import KINDS, kd_loss
 from .models import prompt_text, tokenizer_fingerprint
 from .prompts import student_messages
@@ -37,7 +37,6 @@ DEFAULTS = {
     "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.1,
     "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj"], "seed": 0,
 }
-_CALC = re.compile(r"<<[^<>]*>>")
 
 
 @dataclass
@@ -47,11 +46,6 @@ class Example:
     n_prompt: int
     topk_ids: np.ndarray | None = None
     topk_logprobs: np.ndarray | None = None
-
-
-def plain_solution(text: str) -> str:
-    """A reference solution as a student should write it: GSM8K's ``<<48/2=24>>`` calculator notes removed."""
-    return _CALC.sub("", text).strip()
 
 
 def build_examples(records, tokenizer, store=None, *, max_length: int = 512) -> list[Example]:
@@ -219,3 +213,96 @@ def load_history(adapter_dir: str | Path) -> dict:
 def is_trained(adapter_dir: str | Path, settings: dict) -> bool:
     """True when ``adapter_dir`` holds an adapter trained with exactly ``settings``."""
     return is_done(adapter_dir, settings) and (Path(adapter_dir) / "adapter_config.json").is_file()
+
+
+def run_variant(variant: str, variant_spec: dict, *, student: str, results_dir: str | Path, training: dict | None = None,
+                data_source: str = "gsm_symbolic", data_dir: str | None = None, n_train: int = 0,
+                n_validation: int = 0, n_test: int = 0, seed: int = 0, dtype: str = "auto",
+                device: str = "auto", progress: bool = True) -> Path:
+    """Train one variant of a profile (notebook 02 and ``python -m helpers.distill`` call this).
+
+    ``variant_spec``: ``strategy`` (whose teacher store to learn from; none for the fine-tuning
+    control on reference solutions) plus any setting of ``DEFAULTS`` (loss, T, alpha, lr, ...),
+    which wins over ``training``. Skipped when the adapter exists with the same settings.
+    Returns the adapter folder ``results_dir/adapters/<variant>``.
+    """
+    from accelerate import PartialState
+
+    from .artifacts import fingerprint
+    from .data import load_splits
+    from .logit_store import LogitStore
+    from .models import load_model, model_fingerprint
+    from .teacher import store_dir
+
+    spec = dict(variant_spec or {})
+    strategy = spec.pop("strategy", None)
+    unknown = set(spec) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"variant {variant!r}: unknown setting(s) {sorted(unknown)}; known: strategy, {', '.join(DEFAULTS)}")
+    cfg = {**DEFAULTS, **(training or {}), **spec, "seed": seed}
+    if cfg["loss"] != "ce" and strategy is None:
+        raise ValueError(f"variant {variant!r}: loss {cfg['loss']!r} needs a teacher 'strategy'")
+    results_dir = Path(results_dir)
+    splits = load_splits(data_source, n_train=n_train, n_validation=n_validation, n_test=n_test,
+                         seed=seed, data_dir=data_dir)
+    stores = {s: LogitStore(store_dir(results_dir, strategy, s)) for s in ("train", "validation")} if strategy else {}
+    for s, st in stores.items():
+        if not st.complete:
+            raise ValueError(f"teacher store {st.path} is incomplete: run notebooks/01_teacher_logits to the end")
+    out_dir = results_dir / "adapters" / variant
+    settings = {"student": model_fingerprint(student), "strategy": strategy, "config": cfg, "dtype": dtype,
+                "stores": {s: st.manifest["settings"] for s, st in stores.items()},
+                "examples": {s: fingerprint([r.id for r in splits[s]]) for s in ("train", "validation")}}
+    print(f"variant {variant}: strategy={strategy}, loss={cfg['loss']}, T={cfg['T']}, alpha={cfg['alpha']}, "
+          f"optimizer={cfg['optimizer']} lr={cfg['lr']}, epochs={cfg['epochs']}", flush=True)
+    if is_trained(out_dir, settings):
+        print(f"already trained with these settings: {out_dir}")
+        return out_dir
+    state = PartialState()  # one process per device under `accelerate launch`
+    model, tok = load_model(student, dtype=dtype, device=str(state.device) if device == "auto" else device)
+    train_ex = build_examples(splits["train"], tok, stores.get("train"), max_length=cfg["max_length"])
+    val_ex = build_examples(splits["validation"], tok, stores.get("validation"), max_length=cfg["max_length"])
+    print(f"{len(train_ex)} training examples, {sum(len(e.input_ids) - e.n_prompt for e in train_ex)} target tokens; "
+          f"{len(val_ex)} validation examples", flush=True)
+    peft_model, history = train(model, tok, train_ex, val_ex, cfg, progress=progress)
+    if state.is_main_process:
+        save_adapter(peft_model, out_dir, history, settings)
+        print(f"trained in {history['seconds']} s; saved to {out_dir}")
+    state.wait_for_everyone()
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train one variant of a profile outside the notebooks, e.g. on several GPUs:
+    ``accelerate launch -m helpers.distill --profile full --variant teacher-kd``."""
+    import argparse
+    import sys
+
+    import yaml
+
+    ap = argparse.ArgumentParser(prog="python -m helpers.distill", description=main.__doc__)
+    ap.add_argument("--profile", default="quick", help="name in configs/ or a path to a YAML profile")
+    ap.add_argument("--variant", required=True, help="a key of the profile's variants")
+    ap.add_argument("--root", default=".", help="where results/ lives (default: the current directory)")
+    args = ap.parse_args(argv)
+    path = Path(args.profile)
+    if not path.suffix:
+        path = Path(__file__).resolve().parent.parent / "configs" / f"{args.profile}.yaml"
+    if not path.is_file():
+        print(f"error: profile {args.profile!r} not found at {path}", file=sys.stderr)
+        return 1
+    cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+    p = cfg["params"]
+    if args.variant not in (p.get("variants") or {}):
+        print(f"error: variant {args.variant!r} is not in {path}; variants: {', '.join(p.get('variants') or {})}",
+              file=sys.stderr)
+        return 1
+    run_variant(args.variant, p["variants"][args.variant], student=p["student"], training=p.get("training"),
+                results_dir=Path(args.root) / "results" / cfg["run"], data_source=p.get("data_source", "gsm_symbolic"),
+                data_dir=p.get("data_dir"), n_train=p.get("n_train", 0), n_validation=p.get("n_validation", 0),
+                n_test=p.get("n_test", 0), seed=p.get("seed", 0), dtype=p.get("dtype", "auto"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

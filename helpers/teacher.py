@@ -20,6 +20,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from . import __version__
 from .artifacts import fingerprint, read_manifest, write_manifest
+from .data import plain_solution
 from .logit_store import LogitStore, shard_name, write_shard
 from .models import model_fingerprint, prompt_text, tokenizer_fingerprint
 from .prompts import teacher_messages
@@ -144,7 +145,7 @@ def build_store(out_dir: str | Path, records, *, teacher: str, strategy: str, mo
     """Teacher outputs for ``records`` under ``strategy``, written as a sharded store in ``out_dir``.
 
     ``mode="generate"``: the teacher writes a solution; ``mode="score"``: it reads the record's
-    reference solution by teacher forcing. A store with the same settings is resumed at its
+    reference solution (calculator notes removed, as the student sees it) by teacher forcing. A store with the same settings is resumed at its
     first missing shard (or returned as it is when complete); different settings start afresh.
     ``stop_after_shards`` stops early (to test resuming).
     """
@@ -182,12 +183,13 @@ def build_store(out_dir: str | Path, records, *, teacher: str, strategy: str, mo
         rows = []
         for b in range(0, len(chunk), batch_size):
             batch = chunk[b:b + batch_size]
-            prompts = [prompt_text(tok, teacher_messages(strategy, r.question, r.solution, templates)) for r in batch]
+            prompts = [prompt_text(tok, teacher_messages(strategy, r.question, plain_solution(r.solution), templates))
+                       for r in batch]
             if mode == "generate":
                 out = generate_with_capture(model, tok, prompts, k=k, max_new_tokens=max_new_tokens,
                                             do_sample=do_sample, temperature=temperature, top_p=top_p)
             else:
-                out = score_with_capture(model, tok, prompts, [r.solution for r in batch], k=k)
+                out = score_with_capture(model, tok, prompts, [plain_solution(r.solution) for r in batch], k=k)
             rows += [{"id": r.id, **o} for r, o in zip(batch, out)]
             bar.update(len(batch))
         write_shard(path, rows)

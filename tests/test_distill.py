@@ -23,7 +23,8 @@ def store(loaded, tiny_dir, tmp_path_factory):
 
 
 def test_plain_solution_drops_calculator_notes():
-    assert distill.plain_solution("48/2 = <<48/2=24>>24 clips\n#### 72") == "48/2 = 24 clips\n#### 72"
+    from helpers.data import plain_solution
+    assert plain_solution("48/2 = <<48/2=24>>24 clips\n#### 72") == "48/2 = 24 clips\n#### 72"
 
 
 def test_examples_join_by_id_and_align_with_teacher(loaded, store):
@@ -112,3 +113,25 @@ def test_sgd_fine_tuning_on_reference_solutions(tiny_dir):
         distill.train(models.load_model(tiny_dir)[0], tok, exs, exs, {"loss": "forward_kl"}, progress=False)
     with pytest.raises(ValueError, match="unknown optimizer"):
         distill.train(models.load_model(tiny_dir)[0], tok, exs, exs, {"loss": "ce", "optimizer": "lion"})
+
+
+def test_run_variant_trains_once_and_checks_its_inputs(tiny_dir, tmp_path, capsys):
+    kw = dict(student=tiny_dir, results_dir=tmp_path, training={"epochs": 1, "batch_size": 2}, n_train=4,
+              n_validation=2, n_test=2, dtype="fp32", progress=False)
+    out = distill.run_variant("ft", {"loss": "ce", "lr": 0.05}, **kw)
+    assert (out / "adapter_model.safetensors").is_file() and out == tmp_path / "adapters" / "ft"
+    stamp = (out / "adapter_model.safetensors").stat().st_mtime_ns
+    distill.run_variant("ft", {"loss": "ce", "lr": 0.05}, **kw)
+    assert "already trained" in capsys.readouterr().out
+    assert (out / "adapter_model.safetensors").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="needs a teacher 'strategy'"):
+        distill.run_variant("kd", {"loss": "forward_kl"}, **kw)
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['temperature'\]"):
+        distill.run_variant("kd", {"strategy": "base", "temperature": 2.0}, **kw)
+    with pytest.raises(FileNotFoundError, match="run notebooks/01_teacher_logits first"):
+        distill.run_variant("kd", {"strategy": "base", "loss": "forward_kl"}, **kw)
+
+
+def test_cli_names_a_missing_variant(capsys):
+    assert distill.main(["--profile", "smoke", "--variant", "nope"]) == 1
+    assert "variant 'nope' is not in" in capsys.readouterr().err
