@@ -435,3 +435,52 @@ def provenance_html(row: dict, tok, title: str = "") -> str:
               '<span style="background:#f6c28b">assistant</span>')
     return (f"<div style='font-family:monospace;line-height:1.6'><b>{html.escape(title)}</b> {legend}<br>"
             + "".join(spans) + "</div>")
+
+
+# --------------------------------------------------------------------------- runs over records
+def prompts_for(tok, records, assistant_strategy: str = "base", templates: dict | None = None):
+    """The base sees the plain question; the assistant sees its strategy prompt (``base`` = the same)."""
+    from .data import plain_solution
+    from .models import prompt_text
+    from .prompts import student_messages, teacher_messages
+
+    base = [prompt_text(tok, student_messages(r.question)) for r in records]
+    asst = [prompt_text(tok, teacher_messages(assistant_strategy, r.question, plain_solution(r.solution), templates))
+            for r in records]
+    return base, asst
+
+
+def decode_grid(base, head, tok, asst, records, settings: list[dict], *, assistant_strategy: str = "base",
+                batch_size: int = 16, max_new_tokens: int = 128, seed: int = 0, progress: bool = True,
+                stats: DecodeStats | None = None) -> list[list[dict]]:
+    """Decode every record under every setting (``{"eta": η}`` or ``{"random_prob": p}``), with the
+    grid as a batch dimension: rows are (record, setting) pairs. Returns rows per setting, each
+    in record order with an ``id``."""
+    from tqdm.auto import tqdm
+
+    bp, ap = prompts_for(tok, records, assistant_strategy)
+    jobs = [(s, i) for s in range(len(settings)) for i in range(len(records))]
+    kinds = {("random_prob" in s) for s in settings}
+    out: list[list[dict | None]] = [[None] * len(records) for _ in settings]
+    bar = tqdm(total=len(jobs), desc="co-decoding", unit="row", disable=not progress)
+    for kind in kinds:  # learned and random settings go in separate batches
+        mine = [j for j in jobs if ("random_prob" in settings[j[0]]) == kind]
+        for c in range(0, len(mine), batch_size):
+            chunk = mine[c:c + batch_size]
+            key = "random_prob" if kind else "eta"
+            rows = co_generate(base, head, tok, asst, [bp[i] for _, i in chunk], [ap[i] for _, i in chunk],
+                               **{key: [float(settings[s][key]) for s, _ in chunk]}, seed=seed + c,
+                               max_new_tokens=max_new_tokens, stats=stats)
+            for (s, i), row in zip(chunk, rows):
+                out[s][i] = {"id": records[i].id, **row}
+            bar.update(len(chunk))
+    bar.close()
+    return out  # type: ignore[return-value]
+
+
+def as_responses(rows: list[dict]):
+    """Co-LLM rows in the shape ``assess.score`` reads."""
+    import pandas as pd
+
+    return pd.DataFrame([{"id": r["id"], "response": r["response"], "n_tokens": len(r["token_ids"]),
+                          "finished": r["finished"]} for r in rows])

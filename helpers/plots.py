@@ -82,3 +82,82 @@ def comparison(table: pd.DataFrame, path: str | Path | None = None, title: str =
     if path is not None:
         save(fig, path)
     return fig
+
+
+def deferral_curve(learned: pd.DataFrame, random: pd.DataFrame | None = None, chosen: dict | None = None,
+                   path: str | Path | None = None, title: str = "Accuracy against deferral frequency (validation)"):
+    """Accuracy vs actual deferral frequency for learned and random deferral; the chosen η marked.
+    Frames have columns ``deferral`` and ``accuracy`` (fractions)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(100 * learned["deferral"], 100 * learned["accuracy"], "o-", label="learned deferral")
+    if random is not None:
+        ax.plot(100 * random["deferral"], 100 * random["accuracy"], "s--", color="#8C8C8C", label="random deferral")
+    if chosen is not None:
+        ax.plot([100 * chosen["deferral"]], [100 * chosen["accuracy"]], "*", ms=16, color="#C44E52",
+                label=f"chosen η = {chosen['eta']:.3f}")
+    ax.set_xlabel("tokens written by the assistant (%)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    if path is not None:
+        save(fig, path)
+    return fig
+
+
+def provenance(texts_and_owners: list[tuple[str, list[tuple[str, int]]]], path: str | Path | None = None,
+               width: int = 100):
+    """Generated solutions drawn token by token, each on the colour of the model that wrote it
+    (blue: base, orange: assistant). Input: ``[(title, [(token_text, who), ...]), ...]``."""
+    colours = {0: "#cfe3f7", 1: "#f6c28b"}
+    lines: list[list[tuple[str, int]]] = []
+    for title, tokens in texts_and_owners:
+        lines.append([(title, -1)])
+        line, used = [], 0
+        for text, who in tokens:
+            for k, part in enumerate(text.split("\n")):
+                if k > 0 or used + len(part) > width:
+                    lines.append(line)
+                    line, used = [], 0
+                if part:
+                    line.append((part, who))
+                    used += len(part)
+        lines.append(line)
+        lines.append([])
+    fig_h = 0.22 * len(lines) + 0.6
+    fig = plt.figure(figsize=(0.085 * width + 0.5, fig_h))
+    char_w, line_h = 1.0 / (width + 4), 1.0 / (len(lines) + 1)
+    for i, line in enumerate(lines):
+        x, y = 0.01, 1 - (i + 1) * line_h
+        for text, who in line:
+            kw = {"weight": "bold"} if who < 0 else {"bbox": {"facecolor": colours[who], "edgecolor": "none", "pad": 1.2}}
+            fig.text(x, y, text, family="monospace", fontsize=8, va="bottom", **kw)
+            x += len(text) * char_w
+    fig.text(0.99, 0.995, "base", family="monospace", fontsize=8, ha="right", va="top",
+             bbox={"facecolor": colours[0], "edgecolor": "none"})
+    fig.text(0.93, 0.995, "assistant", family="monospace", fontsize=8, ha="right", va="top",
+             bbox={"facecolor": colours[1], "edgecolor": "none"})
+    if path is not None:
+        save(fig, path)
+    return fig
+
+
+def deferral_breakdown(by_kind: pd.DataFrame, by_position: pd.DataFrame, path: str | Path | None = None,
+                       title: str = "Where the base defers"):
+    """Deferral rate by kind of token and by relative position in the solution."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    a.bar(by_kind["kind"], 100 * by_kind["deferral rate"].fillna(0), color="#DD8452")
+    for x, n in enumerate(by_kind["tokens"]):
+        a.annotate(f"n={n}", (x, 0), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7)
+    a.set_ylabel("deferred (%)")
+    a.set_title("by kind of token")
+    a.tick_params(axis="x", rotation=20)
+    b.bar(by_position["position"], 100 * by_position["deferral rate"].fillna(0), color="#DD8452")
+    b.set_title("by position in the solution")
+    b.set_xlabel("relative position")
+    b.tick_params(axis="x", rotation=45)
+    fig.suptitle(title)
+    fig.tight_layout()
+    if path is not None:
+        save(fig, path)
+    return fig
