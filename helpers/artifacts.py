@@ -88,14 +88,16 @@ def file_digest(path: str | os.PathLike, n: int = 16) -> str | None:
     return h.hexdigest()[:n]
 
 
-def read_manifest(directory: str | os.PathLike) -> dict | None:
-    p = Path(directory) / MANIFEST
-    if not p.is_file():
-        return None
+def read_json(path: str | os.PathLike) -> dict | None:
+    """A JSON file's content, or None when it is missing or damaged (which means "not done")."""
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        return None  # a damaged manifest means "not done"
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def read_manifest(directory: str | os.PathLike) -> dict | None:
+    return read_json(Path(directory) / MANIFEST)
 
 
 def write_manifest(directory: str | os.PathLike, manifest: dict) -> Path:

@@ -8,6 +8,9 @@
 (b) KD step ratio: one LoRA training step with sparse top-k forward KL + cross-entropy ÷ one
     cross-entropy-only step on the same batch                           target ≤ 1.15
 (c) logit-store bytes per token (file size, headers included)           target ≤ 8·k
+(d) Co-LLM cost: time per token of Co-LLM decoding (both models cached) at deferral rate r ÷
+    (base-alone time per token + r · assistant-alone time per token)   target ≤ 1.15
+    and its speed-up over re-reading the whole prefix at every deferral (reported)
 
 Timings alternate the two sides and take medians, so drift on a busy machine hits both.
 Results are printed and written to ``logs/bench/`` (Markdown and JSON); the exit status is 1
@@ -27,7 +30,7 @@ import torch
 
 from .artifacts import write_json, write_text
 
-TARGETS = {"capture_ratio": 1.10, "kd_step_ratio": 1.15}
+TARGETS = {"capture_ratio": 1.10, "kd_step_ratio": 1.15, "collm_cost_ratio": 1.15}
 QUESTIONS = [
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
     "How many clips did Natalia sell altogether in April and May?",
@@ -122,6 +125,61 @@ def bench_store(rows: list[dict], k: int) -> dict:
                 "bytes_per_token_target": 8 * k, "store_tokens": store.tokens()}
 
 
+def bench_collm(model, tok, *, tokens: int, rate: float, repeats: int, prompts: int = 4) -> dict:
+    """Batch-1 decoding of a few prompts: base alone, assistant alone (plain ``generate``),
+    Co-LLM at random deferral rate ``rate`` with both caches, and the same with an assistant
+    that re-reads the whole prefix at each deferral. The assistant is the same weights under
+    another prompt (what is offline here); costs are per generated token."""
+    from . import collm
+    from .models import prompt_text
+    from .prompts import student_messages, teacher_messages
+
+    head = collm.DeferralHead(model.config.get_text_config().hidden_size).to(model.device)
+    qs = [QUESTIONS[i % len(QUESTIONS)] for i in range(prompts)]
+    bp = [prompt_text(tok, student_messages(q)) for q in qs]
+    ap = [prompt_text(tok, teacher_messages("teacher", q)) for q in qs]
+
+    def per_token(fn):
+        def run():
+            n = 0
+            for i in range(prompts):
+                n += fn(i)
+            run.n = n
+        return run
+
+    def co(i, **kw):
+        row = collm.co_generate(model, head, tok, model, [bp[i]], [ap[i]], max_new_tokens=tokens, seed=i, **kw)[0]
+        co.who += row["who"]
+        return len(row["token_ids"])
+
+    def asst_alone(i):
+        from .teacher import generate_with_capture
+        return len(generate_with_capture(model, tok, [ap[i]], max_new_tokens=tokens, capture=False)[0]["token_ids"])
+
+    runs = {"base": per_token(lambda i: co(i, eta=1.0 + 1e-6)), "assistant": per_token(asst_alone),
+            "co": per_token(lambda i: co(i, random_prob=rate)),
+            "reread": per_token(lambda i: co(i, random_prob=rate, asst_cache=False))}
+    times = {k: [] for k in runs}
+    co.who = []
+    for fn in runs.values():
+        fn()  # warm-up
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            if name == "co":
+                co.who = []
+            _sync()
+            t = time.perf_counter()
+            fn()
+            _sync()
+            times[name].append((time.perf_counter() - t) / fn.n)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    r = sum(co.who) / max(len(co.who), 1)
+    bound = med["base"] + r * med["assistant"]
+    return {"collm_rate": r, "collm_base_s_per_token": med["base"], "collm_assistant_s_per_token": med["assistant"],
+            "collm_s_per_token": med["co"], "collm_reread_s_per_token": med["reread"],
+            "collm_cost_ratio": med["co"] / bound, "collm_reread_speedup": med["reread"] / med["co"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m helpers.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct", help="hub id, path or embedded name")
@@ -131,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-batch", type=int, default=4)
     ap.add_argument("--train-length", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--collm-rate", type=float, default=0.2, help="deferral rate of the Co-LLM entry (default 0.2)")
+    ap.add_argument("--collm-tokens", type=int, default=48, help="new tokens per prompt in the Co-LLM entry")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--out", default="logs/bench", help="folder for bench.md and bench.json")
     args = ap.parse_args(argv)
@@ -144,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"(a) capture {cap['capture_s']:.2f} s / plain {cap['plain_s']:.2f} s = {cap['capture_ratio']:.3f}", flush=True)
     kd = bench_kd_step(model, batch=args.train_batch, length=args.train_length, k=args.k, repeats=args.repeats)
     print(f"(b) KD step {kd['kd_step_s']:.2f} s / CE step {kd['ce_step_s']:.2f} s = {kd['kd_step_ratio']:.3f}", flush=True)
+    co = bench_collm(model, tok, tokens=args.collm_tokens, rate=args.collm_rate, repeats=args.repeats)
+    print(f"(d) Co-LLM {1e3 * co['collm_s_per_token']:.1f} ms/token at rate {co['collm_rate']:.2f}; bound base "
+          f"{1e3 * co['collm_base_s_per_token']:.1f} + r·assistant {1e3 * co['collm_assistant_s_per_token']:.1f} ms/token: "
+          f"ratio {co['collm_cost_ratio']:.3f}; re-reading the prefix is {co['collm_reread_speedup']:.2f}× slower", flush=True)
     st = bench_store(cap.pop("rows"), args.k)
     print(f"(c) store {st['bytes_per_token']:.1f} bytes/token (arrays {st['array_bytes_per_token']}, "
           f"target ≤ {st['bytes_per_token_target']})", flush=True)
@@ -152,9 +216,11 @@ def main(argv: list[str] | None = None) -> int:
         "capture_ratio": (cap["capture_ratio"], f"≤ {TARGETS['capture_ratio']}", cap["capture_ratio"] <= TARGETS["capture_ratio"] and cap["same_tokens"]),
         "kd_step_ratio": (kd["kd_step_ratio"], f"≤ {TARGETS['kd_step_ratio']}", kd["kd_step_ratio"] <= TARGETS["kd_step_ratio"]),
         "bytes_per_token": (st["bytes_per_token"], f"≤ {st['bytes_per_token_target']}", st["bytes_per_token"] <= st["bytes_per_token_target"]),
+        "collm_cost_ratio": (co["collm_cost_ratio"], f"≤ {TARGETS['collm_cost_ratio']}", co["collm_cost_ratio"] <= TARGETS["collm_cost_ratio"]),
+        "collm_reread_speedup": (co["collm_reread_speedup"], "reported", True),
     }
     setup = {"model": args.model, "device": str(model.device), "dtype": str(model.dtype), "batch": args.batch,
-             "tokens": args.tokens, "k": args.k, "train_batch": args.train_batch, "train_length": args.train_length,
+             "tokens": args.tokens, "k": args.k, "collm_rate": args.collm_rate, "collm_tokens": args.collm_tokens, "train_batch": args.train_batch, "train_length": args.train_length,
              "repeats": args.repeats, "torch": torch.__version__, "threads": torch.get_num_threads(),
              "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
     lines = ["# Benchmark", "", ", ".join(f"{k}={v}" for k, v in setup.items()), "",
@@ -163,10 +229,13 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", f"capture {cap['capture_s']:.3f} s vs plain generate {cap['plain_s']:.3f} s for "
               f"{cap['generated_tokens']} tokens (same tokens: {cap['same_tokens']}); "
               f"KD step {kd['kd_step_s']:.3f} s vs CE step {kd['ce_step_s']:.3f} s; "
-              f"store arrays {st['array_bytes_per_token']} bytes/token."]
+              f"store arrays {st['array_bytes_per_token']} bytes/token; Co-LLM at deferral rate {co['collm_rate']:.3f}: "
+              f"{1e3 * co['collm_s_per_token']:.2f} ms/token against base {1e3 * co['collm_base_s_per_token']:.2f} + "
+              f"r × assistant {1e3 * co['collm_assistant_s_per_token']:.2f} ms/token; with re-reading "
+              f"{1e3 * co['collm_reread_s_per_token']:.2f} ms/token."]
     out = Path(args.out)
     write_text(out / "bench.md", "\n".join(lines) + "\n")
-    write_json(out / "bench.json", {"setup": setup, **cap, **kd, **st,
+    write_json(out / "bench.json", {"setup": setup, **cap, **kd, **st, **co,
                                     "met": {name: ok for name, (_, _, ok) in checks.items()}})
     print("\n".join(lines[4:]))
     print(f"written to {out / 'bench.md'}")

@@ -14,7 +14,7 @@ run resumes where it stopped.
 from __future__ import annotations
 
 import argparse
-import json
+import logging
 import os
 import sys
 import time
@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from . import __version__
-from .artifacts import file_digest, fingerprint, write_json
+from .artifacts import file_digest, fingerprint, read_json, write_json
 
 PROJECT = Path(__file__).resolve().parent.parent
 KERNEL = "kd-gsm"
@@ -195,7 +195,7 @@ def run_profile(profile: str | Path = "quick", *, root: str | Path = ".", only: 
         if only and not any(selected(stage["name"], o) for o in only):
             print(f"{tag}: not selected", flush=True)
             continue
-        record = _read_record(stage["record"])
+        record = read_json(stage["record"])
         stage["fingerprint"] = stage_fingerprint(stage, root, str(run))
         if not force and record and record.get("fingerprint") == stage["fingerprint"] and stage["output"].is_file():
             print(f"{tag}: done already (same parameters and inputs), skipped", flush=True)
@@ -211,13 +211,6 @@ def run_profile(profile: str | Path = "quick", *, root: str | Path = ".", only: 
     return executed
 
 
-def _read_record(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m helpers.pipeline", description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", default="quick", help="name in configs/ or a path to a YAML profile (default: quick)")
@@ -227,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override parameters, e.g. n_test=8")
     ap.add_argument("--log-output", action="store_true", help="stream the notebooks' output to the terminal")
     args = ap.parse_args(argv)
+    if args.log_output:  # papermill streams cell output through logging
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         run_profile(args.profile, root=args.root, only=args.only, force=args.force,
                     overrides=parse_set(args.set), log_output=args.log_output)

@@ -41,7 +41,7 @@ def test_unknown_stage_and_missing_notebook(tmp_path):
 
 @pytest.mark.slow
 def test_smoke_profile_end_to_end(tmp_path):
-    """Every notebook through the runner: teacher stores, two variants trained, all rows assessed."""
+    """Every notebook through the runner: teacher stores, two variants trained, all rows assessed, Co-LLM."""
     root = tmp_path / "proj"
     assert pipeline.main(["--profile", "smoke", "--root", str(root)]) == 0
     logs, results = root / "logs" / "smoke", root / "results" / "smoke"
@@ -63,6 +63,15 @@ def test_smoke_profile_end_to_end(tmp_path):
         assert (results / "figures" / f"loss_{variant}.png").is_file()
     for png in ("accuracy.png", "comparison.png"):
         assert (results / png).read_bytes()[:4] == b"\x89PNG"
+    # Co-LLM: every row, the validation curve and the pictures
+    co = (logs / "co_llm.md").read_text()
+    for row in ("base alone", "assistant alone", "Co-LLM (learned)", "random deferral", "weak-supervision head"):
+        assert f"| {row} |" in co
+    assert "prompted copy of the same model" in co
+    curve = (logs / "co_llm" / "validation_curve.csv").read_text().splitlines()
+    assert curve[0].startswith("target,eta,deferral,accuracy") and len(curve) == 4
+    for png in ("accuracy_vs_deferral.png", "provenance.png", "deferral_breakdown.png"):
+        assert (results / "co_llm" / png).read_bytes()[:4] == b"\x89PNG"
     executed = json.loads((results / "notebooks" / "03_assess.ipynb").read_text())
     assert any("injected-parameters" in c["metadata"].get("tags", []) for c in executed["cells"])
 
@@ -91,3 +100,21 @@ def test_failing_stage_names_notebook_and_cell(tmp_path, capsys):
     assert failed.is_file() and str(failed) in err
     assert not (tmp_path / "results" / "smoke" / "notebooks" / "01_teacher_logits.ipynb").exists()
     assert not (tmp_path / "results" / "smoke" / "stages").exists()  # nothing recorded as done
+
+
+def test_each_runs_one_instance_per_variant(tmp_path):
+    st = {"name": "02_distill", "each": {"variant": "variants"}}
+    got = pipeline._instances(st, {"variants": {"a": {"loss": "ce"}, "b": None}})
+    assert got == [("02_distill-a", {"variant": "a", "variant_spec": {"loss": "ce"}}),
+                   ("02_distill-b", {"variant": "b", "variant_spec": {}})]
+    assert pipeline._instances({"name": "x", "each": {"s": "items"}}, {"items": ["p", "q"]})[1] == ("x-q", {"s": "q", "s_spec": {}})
+    with pytest.raises(ValueError, match="non-empty mapping or list in params.variants"):
+        pipeline._instances(st, {"variants": {}})
+    with pytest.raises(ValueError, match="one 'param: collection' pair"):
+        pipeline._instances({"name": "x", "each": "variants"}, {})
+    plan = pipeline.stage_plan(pipeline.load_profile("quick"), tmp_path)
+    assert [s["name"] for s in plan if s["name"].startswith("02_")] == [
+        "02_distill-fine-tuning", "02_distill-base-kd", "02_distill-teacher-kd", "02_distill-ground-truth-kd",
+        "02_distill-confidence-kd", "02_distill-gold-hint-kd"]
+    # a variant's stage sees only its own spec, so editing one variant leaves the others done
+    assert all("variants" not in s["params"] for s in plan if s["name"].startswith("02_"))
