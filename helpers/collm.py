@@ -245,19 +245,22 @@ def train_joint(base, head: DeferralHead, tok, examples, store, *, epochs: int =
 
 
 @torch.no_grad()
-def deferral_probabilities(base, head, tok, examples, batch_size: int = 8) -> np.ndarray:
-    """σ at every solution token of ``examples`` (teacher forcing): the distribution thresholds are cut from."""
+def deferral_logits(base, head, tok, examples, batch_size: int = 8) -> np.ndarray:
+    """The deferral logit (σ = sigmoid of it) at every solution token of ``examples`` (teacher
+    forcing): the distribution thresholds are cut from. Logits, not σ, because σ saturates at
+    1.0 in floating point where a head defers confidently, and equal values cannot be ranked."""
     out = []
     for _, batch in _batches(examples, batch_size, tok.pad_token_id):
         batch = {k: v.to(base.device) for k, v in batch.items()}
         _, d, _ = base_forward(base, head, batch["input_ids"], batch["attention_mask"])
-        out.append(torch.sigmoid(d[:, :-1][batch["mask"].bool()].float()).cpu())
+        out.append(d[:, :-1][batch["mask"].bool()].double().cpu())
     return torch.cat(out).numpy()
 
 
-def thresholds_for(probs: np.ndarray, frequencies) -> list[float]:
-    """η per target deferral frequency f: the (1 − f) quantile of the observed σ, with f = 0
-    mapped above every σ and f = 1 below every σ."""
+def thresholds_for(logits: np.ndarray, frequencies) -> list[float]:
+    """η per target deferral frequency f: σ at the (1 − f) quantile of the observed deferral
+    logits (in float64, so thresholds near 1 stay distinct), with f = 0 above every σ (η > 1)
+    and f = 1 below every σ (η < 0)."""
     out = []
     for f in frequencies:
         if f <= 0:
@@ -265,8 +268,17 @@ def thresholds_for(probs: np.ndarray, frequencies) -> list[float]:
         elif f >= 1:
             out.append(-1e-6)
         else:
-            out.append(float(np.quantile(probs, 1 - f)))
+            out.append(float(1.0 / (1.0 + np.exp(-np.quantile(logits, 1 - f)))))
     return out
+
+
+def logit_threshold(eta: float) -> float:
+    """The deferral-logit cut equivalent to σ > η (±inf outside (0, 1))."""
+    if eta >= 1.0:
+        return math.inf
+    if eta <= 0.0:
+        return -math.inf
+    return math.log(eta) - math.log1p(-eta)
 
 
 # --------------------------------------------------------------------------- decoding
@@ -285,6 +297,7 @@ def co_generate(base, head, tok, asst, base_prompts: list[str], asst_prompts: li
     """Greedy Co-LLM decoding of a batch. Row b defers token t to the assistant when
     σ_t > eta[b] (learned), or, with ``random_prob``, with probability random_prob[b].
 
+    ``eta`` is one threshold or one per row; σ_t > η is decided on the logit scale.
     The base reads ``base_prompts``, the assistant ``asst_prompts`` (its own strategy prompt, or
     the same), both followed by the tokens written so far. With caches, the assistant runs only
     at steps where some unfinished row defers, and then reads all tokens it has not seen in one
@@ -298,7 +311,9 @@ def co_generate(base, head, tok, asst, base_prompts: list[str], asst_prompts: li
     add = not getattr(tok, "chat_template", None)
     enc_b = tok(base_prompts, return_tensors="pt", padding=True, add_special_tokens=add).to(dev)
     enc_a = tok(asst_prompts, return_tensors="pt", padding=True, add_special_tokens=add).to(asst.device)
-    eta = torch.as_tensor(eta, dtype=torch.float32, device=dev).expand(B) if random_prob is None else None
+    # σ > η is decided as logit > logit(η) in float64: σ itself saturates near 1
+    cut = (torch.tensor([logit_threshold(float(e)) for e in np.broadcast_to(np.asarray(eta, dtype=np.float64), (B,))],
+                        dtype=torch.float64, device=dev) if random_prob is None else None)
     rprob = None if random_prob is None else torch.as_tensor(random_prob, dtype=torch.float32).expand(B)
     rng = torch.Generator().manual_seed(seed)
     eos = set([tok.eos_token_id] + ([] if base.generation_config.eos_token_id is None else
@@ -318,7 +333,7 @@ def co_generate(base, head, tok, asst, base_prompts: list[str], asst_prompts: li
             ids, pos = ids[:, -1:], pos[:, -1:]
         logits, d, past = base_forward(base, head, ids, mask, pos, past, use_cache=base_cache)
         stats.base_calls += 1
-        return logits[:, -1], torch.sigmoid(d[:, -1].float()), (past if base_cache else None)
+        return logits[:, -1], d[:, -1].double(), (past if base_cache else None)
 
     a_past, a_seen = None, 0
 
@@ -337,10 +352,10 @@ def co_generate(base, head, tok, asst, base_prompts: list[str], asst_prompts: li
             a_past, a_seen = cache, g.shape[1]
         return out.logits[:, -1].to(dev)
 
-    b_logits, sigma, b_past = base_step(None)
+    b_logits, dlogit, b_past = base_step(None)
     for _ in range(max_new_tokens):
         if random_prob is None:
-            defer = sigma > eta
+            defer = dlogit > cut
         else:
             defer = (torch.rand(B, generator=rng) < rprob).to(dev)
         defer &= ~finished
@@ -349,12 +364,12 @@ def co_generate(base, head, tok, asst, base_prompts: list[str], asst_prompts: li
             token = torch.where(defer, asst_step().argmax(-1), token)
         token = torch.where(finished, torch.full_like(token, pad), token)
         who.append(defer)
-        sig.append(sigma)
+        sig.append(torch.sigmoid(dlogit))
         gen = torch.cat([gen, token[:, None]], 1)
         finished |= torch.isin(token, eos_t)
         if finished.all():
             break
-        b_logits, sigma, b_past = base_step(b_past if base_cache else None)
+        b_logits, dlogit, b_past = base_step(b_past if base_cache else None)
 
     who_t, sig_t, gen = torch.stack(who, 1).cpu(), torch.stack(sig, 1).cpu(), gen.cpu()
     rows = []

@@ -93,8 +93,8 @@ def deferral_curve(learned: pd.DataFrame, random: pd.DataFrame | None = None, ch
     if random is not None:
         ax.plot(100 * random["deferral"], 100 * random["accuracy"], "s--", color="#8C8C8C", label="random deferral")
     if chosen is not None:
-        ax.plot([100 * chosen["deferral"]], [100 * chosen["accuracy"]], "*", ms=16, color="#C44E52",
-                label=f"chosen η = {chosen['eta']:.3f}")
+        label = (f"chosen η = σ({chosen['eta_logit']:.2f})" if "eta_logit" in chosen else f"chosen η = {chosen['eta']:.3f}")
+        ax.plot([100 * chosen["deferral"]], [100 * chosen["accuracy"]], "*", ms=16, color="#C44E52", label=label)
     ax.set_xlabel("tokens written by the assistant (%)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)

@@ -142,11 +142,17 @@ def test_training_pipeline_on_stored_assistant_logprobs(pair, tmp_path):
     with torch.no_grad():
         mixed = -collm.marginal_nll(feats.base_logp, feats.asst_logp, head(feats.hidden), torch.ones(n_tokens))
     assert mixed.item() >= max(feats.base_logp.mean().item(), feats.asst_logp.mean().item()) - 1e-3
-    probs = collm.deferral_probabilities(base, head, tok, examples)
-    assert probs.shape == (n_tokens,)
-    etas = collm.thresholds_for(probs, [0.0, 0.5, 1.0])
+    logits = collm.deferral_logits(base, head, tok, examples)
+    assert logits.shape == (n_tokens,)
+    probs = 1 / (1 + np.exp(-logits))
+    etas = collm.thresholds_for(logits, [0.0, 0.5, 1.0])
     assert etas[0] > 1 and etas[2] < 0 and probs.min() <= etas[1] <= probs.max()
     assert abs((probs > etas[1]).mean() - 0.5) <= 1 / n_tokens + 1e-9
+    # a confident head saturates σ at 1.0 in float32; thresholds cut on logits still spread out
+    saturated = np.array([20.0, 25.0, 30.0, 35.0])
+    cuts = collm.thresholds_for(saturated, [0.25, 0.5, 0.75])
+    assert len(set(cuts)) == 3 and all(c < 1.0 for c in cuts)
+    assert [(saturated > collm.logit_threshold(c)).mean() for c in cuts] == [0.25, 0.5, 0.75]
     path = collm.save_head(head, tmp_path / "head.safetensors")
     again = collm.load_head(path)
     torch.testing.assert_close(again(feats.hidden[:5]), head(feats.hidden[:5]))
