@@ -52,10 +52,10 @@ def write_jsonl(path: str | os.PathLike, rows) -> Path:
     return Path(path)
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Read a JSONL file; a malformed line raises ``ValueError`` naming the file and line."""
+def iter_jsonl(path: str | os.PathLike, expected: str = "a JSON object") -> Iterator[tuple[int, dict]]:
+    """``(line number, object)`` for each non-empty line; a malformed line or one that is not an
+    object raises ``ValueError`` naming the file and line (``expected`` says what was wanted)."""
     path = Path(path)
-    rows = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -65,9 +65,13 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
+                raise ValueError(f"{path}:{lineno}: expected {expected}, got {type(row).__name__}")
+            yield lineno, row
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Read a JSONL file; a malformed line raises ``ValueError`` naming the file and line."""
+    return [row for _, row in iter_jsonl(path)]
 
 
 def fingerprint(obj: Any, n: int = 16) -> str:

@@ -164,51 +164,48 @@ def frozen_features(base, tok, examples, store, batch_size: int = 8) -> Features
     return Features(torch.cat(hs), torch.cat(bl), torch.cat(al), torch.cat(zs))
 
 
-def fit_head_weak(head: DeferralHead, feats: Features, *, epochs: int = 50, lr: float = 1e-2,
-                  batch_size: int = 1024, seed: int = 0) -> list[float]:
-    """Initialise the head on the weak labels: class-weighted binary cross-entropy, base frozen."""
+def _fit_head(head: DeferralHead, feats: Features, loss_fn, *, epochs: int, lr: float, batch_size: int,
+              seed: int) -> list[float]:
+    """Adam on the head over shuffled cached token features; ``loss_fn(head, idx, dev)``; mean loss per epoch."""
     g = torch.Generator().manual_seed(seed)
-    pos = feats.labels.sum().item()
-    neg = len(feats.labels) - pos
-    pos_weight = torch.tensor(neg / max(pos, 1.0))
     opt = torch.optim.Adam(head.parameters(), lr=lr)
-    losses = []
     dev = head.proj.weight.device
+    losses = []
     for _ in range(epochs):
         order = torch.randperm(len(feats.labels), generator=g)
         total = 0.0
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
-            logit = head(feats.hidden[idx].to(dev))
-            loss = F.binary_cross_entropy_with_logits(logit, feats.labels[idx].to(dev), pos_weight=pos_weight.to(dev))
+            loss = loss_fn(head, idx, dev)
             opt.zero_grad()
             loss.backward()
             opt.step()
             total += loss.item() * len(idx)
         losses.append(total / len(order))
     return losses
+
+
+def fit_head_weak(head: DeferralHead, feats: Features, *, epochs: int = 50, lr: float = 1e-2,
+                  batch_size: int = 1024, seed: int = 0) -> list[float]:
+    """Initialise the head on the weak labels: class-weighted binary cross-entropy, base frozen."""
+    pos = feats.labels.sum().item()
+    pos_weight = torch.tensor((len(feats.labels) - pos) / max(pos, 1.0))
+
+    def bce(h, idx, dev):
+        return F.binary_cross_entropy_with_logits(h(feats.hidden[idx].to(dev)), feats.labels[idx].to(dev),
+                                                  pos_weight=pos_weight.to(dev))
+
+    return _fit_head(head, feats, bce, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
 
 
 def fit_head_marginal(head: DeferralHead, feats: Features, *, epochs: int = 50, lr: float = 1e-2,
                       batch_size: int = 1024, seed: int = 0) -> list[float]:
     """Marginal-likelihood training of the head alone on a frozen base (cached features)."""
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(head.parameters(), lr=lr)
-    dev = head.proj.weight.device
-    losses = []
-    for _ in range(epochs):
-        order = torch.randperm(len(feats.labels), generator=g)
-        total = 0.0
-        for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
-            loss = marginal_nll(feats.base_logp[idx].to(dev), feats.asst_logp[idx].to(dev),
-                                head(feats.hidden[idx].to(dev)), torch.ones(len(idx), device=dev))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-        losses.append(total / len(order))
-    return losses
+    def nll(h, idx, dev):
+        return marginal_nll(feats.base_logp[idx].to(dev), feats.asst_logp[idx].to(dev),
+                            h(feats.hidden[idx].to(dev)), torch.ones(len(idx), device=dev))
+
+    return _fit_head(head, feats, nll, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
 
 
 def train_joint(base, head: DeferralHead, tok, examples, store, *, epochs: int = 2, lr: float = 1e-3,

@@ -19,7 +19,6 @@ in which records are later sorted or batched.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import re
 from dataclasses import asdict, dataclass
@@ -112,22 +111,15 @@ def read_gsm8k_jsonl(path: str | Path, prefix: str | None = None) -> list[Record
     if not path.is_file():
         raise FileNotFoundError(f"GSM8K file not found: {path}")
     prefix = prefix or f"gsm8k-{path.stem}"
+    from .artifacts import iter_jsonl
+
     records, seen = [], {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: malformed JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object with 'question' and 'answer'")
-            for field in ("question", "answer"):
-                if not isinstance(row.get(field), str) or not row[field].strip():
-                    raise ValueError(f"{where}: missing or empty field {field!r}")
-            records.append(_gsm8k_record(row["question"], row["answer"], prefix, where, seen))
+    for lineno, row in iter_jsonl(path, "a JSON object with 'question' and 'answer'"):
+        where = f"{path}:{lineno}"
+        for field in ("question", "answer"):
+            if not isinstance(row.get(field), str) or not row[field].strip():
+                raise ValueError(f"{where}: missing or empty field {field!r}")
+        records.append(_gsm8k_record(row["question"], row["answer"], prefix, where, seen))
     if not records:
         raise ValueError(f"{path}: no problems in the file")
     return records
