@@ -69,7 +69,7 @@ def test_smoke_profile_end_to_end(tmp_path):
         assert f"| {row} |" in co
     assert "prompted copy of the same model" in co
     curve = (logs / "co_llm" / "validation_curve.csv").read_text().splitlines()
-    assert curve[0].startswith("target,eta,deferral,accuracy") and len(curve) == 4
+    assert curve[0].startswith("target,eta,eta_logit,deferral,accuracy") and len(curve) == 4
     for png in ("accuracy_vs_deferral.png", "provenance.png", "deferral_breakdown.png"):
         assert (results / "co_llm" / png).read_bytes()[:4] == b"\x89PNG"
     executed = json.loads((results / "notebooks" / "03_assess.ipynb").read_text())
