@@ -42,43 +42,25 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
     """
     import torch
     from tqdm.auto import tqdm
-    from transformers import GenerationConfig
+
+    from .models import add_special_tokens
+    from .teacher import generate_with_capture
 
     if tokenizer.padding_side != "left":
         raise ValueError("batched generation needs a left-padding tokenizer (models.load_tokenizer sets it)")
-    eos_ids = model.generation_config.eos_token_id
-    eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids or [])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
-        eos_ids.append(tokenizer.eos_token_id)
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=eos_ids, **({"temperature": temperature, "top_p": top_p} if do_sample else {}))
-    # chat templates already contain the special tokens they need
-    add_special = not getattr(tokenizer, "chat_template", None)
-    lengths = [len(tokenizer(p, add_special_tokens=add_special).input_ids) for p in prompts]
+    add = add_special_tokens(tokenizer)
+    lengths = [len(tokenizer(p, add_special_tokens=add).input_ids) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     results: list[dict | None] = [None] * len(prompts)
     torch.manual_seed(seed)
     bar = tqdm(total=len(prompts), desc="generating", unit="q", disable=not progress)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
-                        add_special_tokens=add_special).to(model.device)
-        with torch.inference_mode():
-            out = model.generate(**enc, generation_config=config)
-        new = out[:, enc["input_ids"].shape[1]:].cpu()
-        rows = []
-        for i, seq in zip(idx, new):
-            ids = seq.tolist()
-            n, finished = len(ids), False
-            for j, t in enumerate(ids):
-                if t in eos_ids:
-                    n, finished = j + 1, True
-                    break
-            row = {"response": tokenizer.decode(ids[:n], skip_special_tokens=True).strip(),
-                   "n_tokens": n, "finished": finished}
+        out = generate_with_capture(model, tokenizer, [prompts[i] for i in idx], max_new_tokens=max_new_tokens,
+                                    do_sample=do_sample, temperature=temperature, top_p=top_p, capture=False)
+        rows = [{"response": o["response"], "n_tokens": len(o["token_ids"]), "finished": o["finished"]} for o in out]
+        for i, row in zip(idx, rows):
             results[i] = row
-            rows.append(row)
         if on_batch is not None:
             on_batch(idx, rows)
         bar.update(len(idx))

@@ -305,7 +305,9 @@ def co_generate(base, head, tok, asst, base_prompts: list[str], asst_prompts: li
     stats = stats if stats is not None else DecodeStats()
     dev = base.device
     B = len(base_prompts)
-    add = not getattr(tok, "chat_template", None)
+    from .models import add_special_tokens
+
+    add = add_special_tokens(tok)
     enc_b = tok(base_prompts, return_tensors="pt", padding=True, add_special_tokens=add).to(dev)
     enc_a = tok(asst_prompts, return_tensors="pt", padding=True, add_special_tokens=add).to(asst.device)
     # σ > η is decided as logit > logit(η) in float64: σ itself saturates near 1

@@ -27,7 +27,7 @@ from . import __version__
 from .artifacts import is_done, write_json, write_manifest
 from .data import plain_solution
 from .losses import KINDS, kd_loss
-from .models import prompt_text, tokenizer_fingerprint
+from .models import add_special_tokens, prompt_text, tokenizer_fingerprint
 from .prompts import student_messages
 
 DEFAULTS = {
@@ -51,7 +51,7 @@ class Example:
 def build_examples(records, tokenizer, store=None, *, max_length: int = 512) -> list[Example]:
     """Student examples for ``records``: KD targets from ``store`` (joined by id) or, without a
     store, the reference solution followed by end-of-sequence. Too-long examples are cut."""
-    add = not getattr(tokenizer, "chat_template", None)
+    add = add_special_tokens(tokenizer)
     if store is not None:
         store.check_tokenizer(tokenizer_fingerprint(tokenizer))
         missing = [r.id for r in records if r.id not in store]

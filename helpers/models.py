@@ -181,6 +181,12 @@ def prompt_text(tokenizer, messages: list[dict]) -> str:
     return "\n\n".join(parts) + "\nAnswer:"
 
 
+def add_special_tokens(tokenizer) -> bool:
+    """Whether rendered prompt text still needs the tokenizer's special tokens: a chat template
+    already writes the ones it needs; the plain layout of a base model does not."""
+    return not getattr(tokenizer, "chat_template", None)
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """Hash of the vocabulary and special tokens: equal fingerprints mean interchangeable token ids."""
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])

@@ -22,7 +22,7 @@ from . import __version__
 from .artifacts import fingerprint, read_manifest, write_manifest
 from .data import plain_solution
 from .logit_store import LogitStore, shard_name, write_shard
-from .models import model_fingerprint, prompt_text, tokenizer_fingerprint
+from .models import add_special_tokens, model_fingerprint, prompt_text, tokenizer_fingerprint
 from .prompts import teacher_messages
 
 
@@ -68,10 +68,6 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return eos
 
 
-def _add_special(tokenizer) -> bool:
-    return not getattr(tokenizer, "chat_template", None)
-
-
 def generate_with_capture(model, tokenizer, prompts: list[str], *, k: int = 64, max_new_tokens: int = 256,
                           do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                           capture: bool = True) -> list[dict]:
@@ -86,7 +82,7 @@ def generate_with_capture(model, tokenizer, prompts: list[str], *, k: int = 64, 
                               pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
                               **({"temperature": temperature, "top_p": top_p} if do_sample else {}))
     enc = tokenizer(prompts, return_tensors="pt", padding=True,
-                    add_special_tokens=_add_special(tokenizer)).to(model.device)
+                    add_special_tokens=add_special_tokens(tokenizer)).to(model.device)
     proc = TopKCapture(min(k, model.config.get_text_config().vocab_size)) if capture else None
     with torch.inference_mode():
         out = model.generate(**enc, generation_config=config,
@@ -109,7 +105,7 @@ def score_with_capture(model, tokenizer, prompts: list[str], texts: list[str], *
     """One batch of teacher forcing: the teacher reads ``prompt + text + eos``; top-k log-probs at
     every token of ``text`` (and of the closing end-of-sequence token)."""
     eos = tokenizer.eos_token_id
-    add = _add_special(tokenizer)
+    add = add_special_tokens(tokenizer)
     prompt_ids = [tokenizer(p, add_special_tokens=add).input_ids for p in prompts]
     text_ids = [tokenizer(t, add_special_tokens=False).input_ids + [eos] for t in texts]
     seqs = [p + t for p, t in zip(prompt_ids, text_ids)]
