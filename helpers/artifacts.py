@@ -63,7 +63,8 @@ def iter_jsonl(path: str | os.PathLike, expected: str = "a JSON object") -> Iter
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+                raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}): "
+                                 f"{line.rstrip(chr(10))!r}") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{lineno}: expected {expected}, got {type(row).__name__}")
             yield lineno, row
@@ -90,6 +91,45 @@ def file_digest(path: str | os.PathLike, n: int = 16) -> str | None:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:n]
+
+
+def file_record(path: str | os.PathLike) -> dict:
+    """What a file should be, recorded when the toolkit writes it: ``{"size", "sha256"}``."""
+    return {"size": Path(path).stat().st_size, "sha256": file_digest(path, n=64)}
+
+
+def file_problem(path: str | os.PathLike, record: dict | None, *, digest: bool = True) -> str | None:
+    """Why ``path`` is not the file ``record`` describes (missing, wrong size, other bytes), or None.
+    ``digest=False`` checks the size only (cheap)."""
+    path = Path(path)
+    if not path.is_file():
+        return "missing"
+    if not record:
+        return None
+    size = path.stat().st_size
+    if size != record.get("size"):
+        return f"{size} bytes, expected {record.get('size')} (truncated or overwritten)"
+    if digest and record.get("sha256") and file_digest(path, n=64) != record["sha256"]:
+        return "its bytes differ from those written (corrupted)"
+    return None
+
+
+def remove_stale_temporaries(directory: str | os.PathLike, older_than_s: float = 0.0) -> list[Path]:
+    """Delete the ``.<name>.*.tmp`` files and folders an interrupted write left behind
+    (only those older than ``older_than_s`` seconds, where other processes may be writing)."""
+    import shutil
+    import time
+
+    gone = []
+    for p in Path(directory).glob(".*.tmp"):
+        if older_than_s and time.time() - p.stat().st_mtime < older_than_s:
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        gone.append(p)
+    return gone
 
 
 def read_json(path: str | os.PathLike) -> dict | None:

@@ -69,19 +69,31 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
 
 
 def _read_cache(path: Path) -> dict[str, dict]:
-    """Rows of a generation cache by id; a torn last line (interrupted write) is ignored."""
+    """Rows of a generation cache by id. The toolkit wrote the file, so a damaged line (a torn
+    last line of an interrupted run, or any unreadable one) is repaired: reported in one line,
+    dropped from the file, and its question generated again."""
+    from .artifacts import write_jsonl
+
     rows: dict[str, dict] = {}
     if not path.is_file():
         return rows
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for k, line in enumerate(lines):
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    damaged = []
+    for k, line in enumerate(lines, 1):
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
-            if k == len(lines) - 1:
-                break
-            raise ValueError(f"{path}:{k + 1}: malformed line in a generation cache; delete the file to regenerate")
+            if not isinstance(row, dict) or not {"id", "response", "n_tokens", "finished"} <= set(row):
+                raise ValueError
+        except ValueError:
+            if line.strip():
+                damaged.append(k)
+            continue
         rows[row["id"]] = row
+    if damaged:
+        if damaged != [len(lines)]:  # more than a torn last line: say so
+            print(f"{path}: line(s) {', '.join(map(str, damaged))} damaged; those responses are generated again",
+                  flush=True)
+        write_jsonl(path, rows.values())
     return rows
 
 
@@ -150,7 +162,8 @@ def load_overrides(path: str | Path | None) -> dict[tuple[str, str], tuple[float
     if path is None or not Path(path).is_file():
         return {}
     out = {}
-    with open(path, newline="", encoding="utf-8") as f:
+    # utf-8-sig: a spreadsheet may save the file with a byte-order mark before the header
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         missing = {"experiment", "id", "answer"} - set(reader.fieldnames or [])
         if missing:
@@ -166,6 +179,9 @@ def load_overrides(path: str | Path | None) -> dict[tuple[str, str], tuple[float
                     value = float(raw.replace(",", "").replace("$", ""))
                 except ValueError:
                     raise ValueError(f"{path}:{lineno}: answer {raw!r} is not a number (or 'none')") from None
+                if not math.isfinite(value):
+                    raise ValueError(f"{path}:{lineno}: answer {raw!r} is not a finite number; "
+                                     "write the number the response states, or 'none'")
             out[(row["experiment"], row["id"])] = (value, (row.get("response_sha") or "").strip())
     return out
 
@@ -224,6 +240,18 @@ def kd_divergence(model, tokenizer, store, records: list[Record], *, batch_size:
             total += parts["kd"] * n.item()
             count += n.item()
     return total / max(count, 1.0)
+
+
+def loss_weights(adapter_dir: str | Path) -> dict[str, float]:
+    """The weights of a trained variant's loss terms, read from its manifest: ``CE weight``
+    (1 for fine-tuning, 1 − α for KD) and ``KD weight α·T²`` (0 without KD). The two together say
+    how large each row's effective steps were; empty when the adapter has no manifest."""
+    cfg = ((read_manifest(adapter_dir) or {}).get("settings") or {}).get("config") or {}
+    if not cfg:
+        return {}
+    if cfg["loss"] == "ce" or cfg["alpha"] == 0:
+        return {"CE weight": 1.0, "KD weight α·T²": 0.0}
+    return {"CE weight": 1.0 - cfg["alpha"], "KD weight α·T²": cfg["alpha"] * cfg["T"] ** 2}
 
 
 def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:

@@ -111,17 +111,22 @@ def bench_kd_step(model, *, batch: int, length: int, k: int, repeats: int) -> di
 
 
 def bench_store(rows: list[dict], k: int) -> dict:
-    from .logit_store import LogitStore, write_shard
+    import struct
+
     from .artifacts import write_manifest
+    from .logit_store import FIELDS, STORE_FORMAT, LogitStore, shard_name, shard_record, write_shard
 
     with tempfile.TemporaryDirectory() as d:
-        write_shard(Path(d) / "shard-00000.safetensors",
-                    [{"id": f"q{i}", **{key: r[key] for key in ("token_ids", "topk_ids", "topk_logprobs",
-                                                             "token_logprobs", "response", "finished")}}
-                     for i, r in enumerate(rows)])
-        write_manifest(d, {"settings": {"k": k}, "n_shards": 1})
+        path = write_shard(Path(d) / shard_name(0), [{"id": f"q{i}", **{key: r[key] for key in (*FIELDS, "response", "finished")}}
+                                                     for i, r in enumerate(rows)])
+        write_manifest(d, {"settings": {"k": k, "format": STORE_FORMAT}, "n_shards": 1,
+                           "shards": {path.name: shard_record(path)}})
         store = LogitStore(d)
-        return {"bytes_per_token": store.bytes_per_token(), "array_bytes_per_token": 6 * k + 8,
+        raw = path.read_bytes()
+        # measured: the file minus its 8-byte length prefix, its header and the offsets (n + 1 int64)
+        arrays = len(raw) - 8 - struct.unpack("<Q", raw[:8])[0] - 8 * (len(rows) + 1)
+        return {"bytes_per_token": store.bytes_per_token(), "array_bytes_per_token": 6 * k + 12,
+                "measured_array_bytes_per_token": arrays / max(1, store.tokens()),
                 "bytes_per_token_target": 8 * k, "store_tokens": store.tokens()}
 
 

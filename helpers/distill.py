@@ -24,19 +24,18 @@ import numpy as np
 import torch
 
 from . import __version__
-from .artifacts import is_done, write_json, write_manifest
+from .artifacts import file_problem, file_record, is_done, read_manifest, write_json, write_manifest
 from .data import plain_solution
 from .losses import KINDS, kd_loss
 from .models import add_special_tokens, prompt_text, tokenizer_fingerprint
 from .prompts import student_messages
+from .settings import TRAINING_DEFAULTS, check_training, check_variant
 
-DEFAULTS = {
-    "loss": "forward_kl", "T": 1.0, "alpha": 0.5, "beta": 0.5,
-    "optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0,
-    "epochs": 2, "batch_size": 4, "grad_accum": 1, "max_length": 512,
-    "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.1,
-    "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj"], "seed": 0,
-}
+DEFAULTS = dict(TRAINING_DEFAULTS)  # declared (type, range, meaning) in helpers.settings
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or a gradient stopped being finite; nothing was saved."""
 
 
 @dataclass
@@ -46,6 +45,7 @@ class Example:
     n_prompt: int
     topk_ids: np.ndarray | None = None
     topk_logprobs: np.ndarray | None = None
+    tail_logprobs: np.ndarray | None = None  # the teacher's log-mass outside its top-k, per target token
 
 
 def build_examples(records, tokenizer, store=None, *, max_length: int = 512) -> list[Example]:
@@ -63,23 +63,24 @@ def build_examples(records, tokenizer, store=None, *, max_length: int = 512) -> 
         prompt = tokenizer(prompt_text(tokenizer, student_messages(r.question)), add_special_tokens=add).input_ids
         if store is not None:
             t = store.get(r.id)
-            target, ids, lps = list(map(int, t.token_ids)), t.topk_ids, t.topk_logprobs
+            target, ids, lps, tails = list(map(int, t.token_ids)), t.topk_ids, t.topk_logprobs, t.tail_logprobs
         else:
             target = tokenizer(plain_solution(r.solution), add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-            ids = lps = None
+            ids = lps = tails = None
         room = max_length - len(prompt)
         if room < 1:
             raise ValueError(f"example {r.id}: the prompt alone has {len(prompt)} tokens, over max_length={max_length}")
         target = target[:room]
         if ids is not None:
-            ids, lps = ids[:room], lps[:room]
-        out.append(Example(r.id, prompt + target, len(prompt), ids, lps))
+            ids, lps, tails = ids[:room], lps[:room], tails[:room]
+        out.append(Example(r.id, prompt + target, len(prompt), ids, lps, tails))
     return out
 
 
 def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch. ``targets``/``mask``/``topk_*`` are already shifted: position j holds
-    what the logits at position j must predict (token j + 1)."""
+    """Right-padded batch. ``targets``/``mask``/``topk_*``/``tail_logprobs`` are already shifted:
+    position j holds what the logits at position j must predict (token j + 1). Where the mask is
+    0 the teacher arrays hold finite filler (ids 0, log-probs -30, tail 0.0)."""
     width = max(len(e.input_ids) for e in batch)
     B = len(batch)
     input_ids = torch.full((B, width), pad_id, dtype=torch.long)
@@ -88,6 +89,8 @@ def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     k = next((e.topk_ids.shape[1] for e in batch if e.topk_ids is not None), 0)
     topk_ids = torch.zeros((B, width - 1, k), dtype=torch.long)
     topk_lps = torch.full((B, width - 1, k), -30.0)  # finite filler where nothing counts
+    tails = torch.zeros((B, width - 1))
+    has_tail = bool(k) and all(e.tail_logprobs is not None for e in batch if e.topk_ids is not None)
     for b, e in enumerate(batch):
         n = len(e.input_ids)
         input_ids[b, :n] = torch.tensor(e.input_ids)
@@ -97,9 +100,13 @@ def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
             m = n - e.n_prompt
             topk_ids[b, e.n_prompt - 1:n - 1] = torch.from_numpy(np.asarray(e.topk_ids[:m], np.int64))
             topk_lps[b, e.n_prompt - 1:n - 1] = torch.from_numpy(np.asarray(e.topk_logprobs[:m], np.float32))
+            if has_tail:
+                tails[b, e.n_prompt - 1:n - 1] = torch.from_numpy(np.asarray(e.tail_logprobs[:m], np.float32))
     out = {"input_ids": input_ids, "attention_mask": attention, "targets": input_ids[:, 1:].clone(), "mask": mask}
     if k:
         out.update(topk_ids=topk_ids, topk_logprobs=topk_lps)
+    if has_tail:
+        out["tail_logprobs"] = tails
     return out
 
 
@@ -108,7 +115,7 @@ def batch_loss(model, batch: dict, cfg: dict) -> tuple[torch.Tensor, dict, torch
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     loss, parts = kd_loss(cfg["loss"], logits, batch["targets"], batch["mask"],
                           batch.get("topk_ids"), batch.get("topk_logprobs"),
-                          T=cfg["T"], alpha=cfg["alpha"], beta=cfg["beta"])
+                          T=cfg["T"], alpha=cfg["alpha"], beta=cfg["beta"], tail_logprobs=batch.get("tail_logprobs"))
     return loss, parts, batch["mask"].sum()
 
 
@@ -127,9 +134,33 @@ def evaluate(model, loader, cfg: dict, accelerator=None) -> float:
     return float(total[0] / total[1].clamp_min(1))
 
 
+def _likely_cause(cfg: dict) -> str:
+    causes = []
+    if cfg["loss"] != "ce" and cfg["T"] < 1.0:
+        causes.append(f"temperature T={cfg['T']:g} below 1 sharpens the distributions")
+    high = 0.1 if cfg["optimizer"] == "sgd" else 1e-2
+    causes.append(f"learning rate lr={cfg['lr']:g} is {'high' if cfg['lr'] >= high else 'perhaps too high'} "
+                  f"for {cfg['optimizer']}")
+    return "; ".join(causes)
+
+
+def _diverged(cfg: dict, name: str, what: str, value: float, step: int, epoch: int) -> TrainingDiverged:
+    return TrainingDiverged(
+        f"variant {name!r}: the {what} became {value} at optimizer step {step} (epoch {epoch}); likely cause: "
+        f"{_likely_cause(cfg)}. Training stopped; nothing was saved.")
+
+
 def train(model, tokenizer, train_examples: list[Example], val_examples: list[Example], cfg: dict,
-          progress: bool = True):
-    """Train LoRA adapters on ``model`` in place; returns ``(peft_model, history)``."""
+          progress: bool = True, name: str = "training"):
+    """Train LoRA adapters on ``model`` in place; returns ``(peft_model, history)``.
+
+    An optimizer step takes ``grad_accum`` micro-batches; each contributes in proportion to its
+    number of target tokens (so a step's gradient is the token mean over the whole step, as
+    with one big batch, also across processes). A loss or gradient that is not finite stops
+    training at once with :class:`TrainingDiverged`.
+    """
+    import contextlib
+
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from peft import LoraConfig, get_peft_model
@@ -142,7 +173,7 @@ def train(model, tokenizer, train_examples: list[Example], val_examples: list[Ex
     if cfg["loss"] != "ce" and train_examples and train_examples[0].topk_ids is None:
         raise ValueError(f"loss {cfg['loss']!r} needs teacher distributions; these examples have none")
     set_seed(cfg["seed"])
-    accelerator = Accelerator(gradient_accumulation_steps=cfg["grad_accum"])
+    accelerator = Accelerator()
     lora = LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"],
                       target_modules=list(cfg["lora_targets"]), task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
@@ -159,45 +190,75 @@ def train(model, tokenizer, train_examples: list[Example], val_examples: list[Ex
         raise ValueError(f"unknown optimizer {cfg['optimizer']!r}; use sgd or adamw")
     model, opt, train_loader, val_loader = accelerator.prepare(model, opt, make(train_examples, True),
                                                                make(val_examples, False))
+    params = [p for p in model.parameters() if p.requires_grad]
+    accum = cfg["grad_accum"]
     # one cosine over every optimizer step of the whole run: no restart between epochs
-    total_steps = cfg["epochs"] * math.ceil(len(train_loader) / cfg["grad_accum"])
+    total_steps = cfg["epochs"] * math.ceil(len(train_loader) / accum)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps))
     history = {"step": [], "train_loss": [], "lr": [], "epoch_end_step": [], "val_loss": [],
+               "micro_step": [], "micro_loss": [], "micro_tokens": [],
                "val_loss_before": evaluate(model, val_loader, cfg, accelerator)}
     step, t0 = 0, time.time()
-    bar = tqdm(total=total_steps, desc="distilling", disable=not (progress and accelerator.is_main_process))
+    bar = tqdm(total=total_steps, desc=f"distilling {name}", disable=not (progress and accelerator.is_main_process))
     model.train()
-    for epoch in range(cfg["epochs"]):
-        for batch in train_loader:
-            with accelerator.accumulate(model):
-                loss, parts, _ = batch_loss(model, batch, cfg)
-                accelerator.backward(loss)
-                opt.step()
-                opt.zero_grad()
-            if accelerator.sync_gradients:
-                history["lr"].append(sched.get_last_lr()[0])
-                sched.step()
-                step += 1
-                history["step"].append(step)
-                history["train_loss"].append(loss.item())
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+    for epoch in range(1, cfg["epochs"] + 1):
+        batches = list(train_loader)
+        for w in range(0, len(batches), accum):
+            window = batches[w:w + accum]
+            tokens = torch.stack([b["mask"].sum() for b in window]).sum().double()
+            if accelerator.num_processes > 1:  # token weights over the global step
+                tokens = accelerator.reduce(tokens.to(accelerator.device), reduction="sum")
+            tokens = tokens.clamp_min(1.0)
+            step_loss = 0.0
+            for j, batch in enumerate(window):
+                sync = j == len(window) - 1
+                with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                    loss, parts, n = batch_loss(model, batch, cfg)
+                    if not torch.isfinite(loss):
+                        raise _diverged(cfg, name, "loss", loss.item(), step + 1, epoch)
+                    weight = (n.double() / tokens * accelerator.num_processes).item()
+                    accelerator.backward(loss * weight)
+                history["micro_step"].append(step + 1)
+                history["micro_loss"].append(loss.item())
+                history["micro_tokens"].append(int(n.item()))
+                step_loss += loss.item() * weight / accelerator.num_processes
+            norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in params
+                                                         if p.grad is not None]))
+            if not torch.isfinite(norm):
+                raise _diverged(cfg, name, "gradient norm", norm.item(), step + 1, epoch)
+            opt.step()
+            opt.zero_grad()
+            history["lr"].append(sched.get_last_lr()[0])
+            sched.step()
+            step += 1
+            history["step"].append(step)
+            history["train_loss"].append(step_loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.3f}")
         history["epoch_end_step"].append(step)
-        history["val_loss"].append(evaluate(model, val_loader, cfg, accelerator))
+        val = evaluate(model, val_loader, cfg, accelerator)
+        if not math.isfinite(val):
+            raise _diverged(cfg, name, "validation loss", val, step, epoch)
+        history["val_loss"].append(val)
     bar.close()
     history["seconds"] = round(time.time() - t0, 1)
     return accelerator.unwrap_model(model), history
 
 
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "history.json")
+
+
 def save_adapter(peft_model, out_dir: str | Path, history: dict, settings: dict) -> Path:
-    """Write adapter + history + manifest to ``out_dir`` atomically (a temporary folder renamed)."""
+    """Write adapter + history + manifest to ``out_dir`` atomically (a temporary folder renamed).
+    The manifest records each file's size and digest, so a damaged adapter is recognised."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         peft_model.save_pretrained(tmp)
         write_json(tmp / "history.json", history)
-        write_manifest(tmp, {"stage": "distill", "settings": settings, "helpers_version": __version__})
+        write_manifest(tmp, {"stage": "distill", "settings": settings, "helpers_version": __version__,
+                             "files": {f: file_record(tmp / f) for f in ADAPTER_FILES}})
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
@@ -211,8 +272,17 @@ def load_history(adapter_dir: str | Path) -> dict:
 
 
 def is_trained(adapter_dir: str | Path, settings: dict) -> bool:
-    """True when ``adapter_dir`` holds an adapter trained with exactly ``settings``."""
-    return is_done(adapter_dir, settings) and (Path(adapter_dir) / "adapter_config.json").is_file()
+    """True when ``adapter_dir`` holds an undamaged adapter trained with exactly ``settings``
+    (a damaged one is reported in one line, and so trained again)."""
+    adapter_dir = Path(adapter_dir)
+    if not is_done(adapter_dir, settings):
+        return False
+    for name, record in ((read_manifest(adapter_dir) or {}).get("files") or {"adapter_config.json": None}).items():
+        problem = file_problem(adapter_dir / name, record)
+        if problem:
+            print(f"adapter {adapter_dir} is damaged ({name}: {problem}); training it again", flush=True)
+            return False
+    return True
 
 
 def run_variant(variant: str, variant_spec: dict, *, student: str, results_dir: str | Path, training: dict | None = None,
@@ -234,14 +304,10 @@ def run_variant(variant: str, variant_spec: dict, *, student: str, results_dir: 
     from .models import load_model, model_fingerprint
     from .teacher import store_dir
 
-    spec = dict(variant_spec or {})
+    training = check_training(dict(training or {}), "training: ")
+    spec = check_variant(variant, variant_spec, training=training)
     strategy = spec.pop("strategy", None)
-    unknown = set(spec) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"variant {variant!r}: unknown setting(s) {sorted(unknown)}; known: strategy, {', '.join(DEFAULTS)}")
-    cfg = {**DEFAULTS, **(training or {}), **spec, "seed": seed}
-    if cfg["loss"] != "ce" and strategy is None:
-        raise ValueError(f"variant {variant!r}: loss {cfg['loss']!r} needs a teacher 'strategy'")
+    cfg = {**DEFAULTS, "seed": seed, **training, **spec}
     results_dir = Path(results_dir)
     splits = load_splits(data_source, n_train=n_train, n_validation=n_validation, n_test=n_test,
                          seed=seed, data_dir=data_dir)
@@ -264,7 +330,7 @@ def run_variant(variant: str, variant_spec: dict, *, student: str, results_dir: 
     val_ex = build_examples(splits["validation"], tok, stores.get("validation"), max_length=cfg["max_length"])
     print(f"{len(train_ex)} training examples, {sum(len(e.input_ids) - e.n_prompt for e in train_ex)} target tokens; "
           f"{len(val_ex)} validation examples", flush=True)
-    peft_model, history = train(model, tok, train_ex, val_ex, cfg, progress=progress)
+    peft_model, history = train(model, tok, train_ex, val_ex, cfg, progress=progress, name=variant)
     if state.is_main_process:
         save_adapter(peft_model, out_dir, history, settings)
         print(f"trained in {history['seconds']} s; saved to {out_dir}")
@@ -278,29 +344,26 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
-    import yaml
+    from .settings import check_params, load_profile
 
     ap = argparse.ArgumentParser(prog="python -m helpers.distill", description=main.__doc__)
     ap.add_argument("--profile", default="quick", help="name in configs/ or a path to a YAML profile")
     ap.add_argument("--variant", required=True, help="a key of the profile's variants")
     ap.add_argument("--root", default=".", help="where results/ lives (default: the current directory)")
     args = ap.parse_args(argv)
-    path = Path(args.profile)
-    if not path.suffix:
-        path = Path(__file__).resolve().parent.parent / "configs" / f"{args.profile}.yaml"
-    if not path.is_file():
-        print(f"error: profile {args.profile!r} not found at {path}", file=sys.stderr)
+    try:
+        cfg = load_profile(args.profile)
+        p = check_params(cfg["params"], origins={k: cfg["path"] for k in cfg["params"]})
+        if args.variant not in (p.get("variants") or {}):
+            raise ValueError(f"variant {args.variant!r} is not in {cfg['path']}; variants: "
+                             f"{', '.join(p.get('variants') or {})}")
+        run_variant(args.variant, p["variants"][args.variant], student=p["student"], training=p.get("training"),
+                    results_dir=Path(args.root) / "results" / cfg["run"], data_source=p.get("data_source", "gsm_symbolic"),
+                    data_dir=p.get("data_dir"), n_train=p.get("n_train", 0), n_validation=p.get("n_validation", 0),
+                    n_test=p.get("n_test", 0), seed=p.get("seed", 0), dtype=p.get("dtype", "auto"))
+    except (ValueError, FileNotFoundError, TrainingDiverged) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
-    cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
-    p = cfg["params"]
-    if args.variant not in (p.get("variants") or {}):
-        print(f"error: variant {args.variant!r} is not in {path}; variants: {', '.join(p.get('variants') or {})}",
-              file=sys.stderr)
-        return 1
-    run_variant(args.variant, p["variants"][args.variant], student=p["student"], training=p.get("training"),
-                results_dir=Path(args.root) / "results" / cfg["run"], data_source=p.get("data_source", "gsm_symbolic"),
-                data_dir=p.get("data_dir"), n_train=p.get("n_train", 0), n_validation=p.get("n_validation", 0),
-                n_test=p.get("n_test", 0), seed=p.get("seed", 0), dtype=p.get("dtype", "auto"))
     return 0
 
 

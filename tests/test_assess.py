@@ -91,10 +91,18 @@ def test_generation_cache_resumes_and_invalidates(loaded, tiny_dir, tmp_path):
                                       batch_size=2, max_new_tokens=6, progress=False)
     assert counting.prompts == 6
     pd.testing.assert_frame_equal(again, full)
+    # a damaged line in the middle (a disk error, an editor) is dropped and its question regenerated
+    lines = cache.read_text().splitlines()
+    cache.write_text("\n".join(lines[:1] + ['{"id": "q2", "respo\x00nse'] + lines[2:]) + "\n")
+    repaired = assess.generate_responses("exp", spec, RECORDS, tmp_path, loaded=(counting, tok),
+                                         batch_size=2, max_new_tokens=6, progress=False)
+    assert counting.prompts == 7
+    pd.testing.assert_frame_equal(repaired, full)
+    assert all(json.loads(line) for line in cache.read_text().splitlines())  # the file itself is whole again
     # different decoding settings: everything is generated afresh
     assess.generate_responses("exp", spec, RECORDS, tmp_path, loaded=(counting, tok),
                               batch_size=2, max_new_tokens=4, progress=False)
-    assert counting.prompts == 11
+    assert counting.prompts == 12
     with pytest.raises(ValueError, match="unknown decoding setting"):
         assess.generate_responses("exp", spec, RECORDS, tmp_path, loaded=(counting, tok), beams=3)
 
@@ -150,6 +158,18 @@ def test_overrides_errors(tmp_path):
     (tmp_path / "o.csv").write_text("experiment,id,answer\nexp,q1,seven\n")
     with pytest.raises(ValueError, match=r"o\.csv:2: answer 'seven'"):
         assess.load_overrides(tmp_path / "o.csv")
+    for bad in ("NaN", "inf", "-Infinity"):
+        (tmp_path / "o.csv").write_text(f"experiment,id,answer\nexp,q1,3\nexp,q2,{bad}\n")
+        with pytest.raises(ValueError, match=rf"o\.csv:3: answer '{bad}' is not a finite number"):
+            assess.load_overrides(tmp_path / "o.csv")
+
+
+def test_overrides_saved_with_a_byte_order_mark_are_read(tmp_path):
+    """Spreadsheets often save CSV as UTF-8 with a BOM before the first column name."""
+    (tmp_path / "o.csv").write_bytes("experiment,id,answer,response_sha\nexp,q1,1\u00a0234,\nexp,q2,none,abc\n"
+                                     .replace("1\u00a0234", "1234").encode("utf-8-sig"))
+    assert (tmp_path / "o.csv").read_bytes()[:3] == b"\xef\xbb\xbf"
+    assert assess.load_overrides(tmp_path / "o.csv") == {("exp", "q1"): (1234.0, ""), ("exp", "q2"): (None, "abc")}
 
 
 @pytest.mark.parametrize("k, n, lo, hi", [

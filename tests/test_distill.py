@@ -124,10 +124,12 @@ def test_run_variant_trains_once_and_checks_its_inputs(tiny_dir, tmp_path, capsy
     distill.run_variant("ft", {"loss": "ce", "lr": 0.05}, **kw)
     assert "already trained" in capsys.readouterr().out
     assert (out / "adapter_model.safetensors").stat().st_mtime_ns == stamp
-    with pytest.raises(ValueError, match="needs a teacher 'strategy'"):
+    with pytest.raises(ValueError, match="loss 'forward_kl' learns from teacher distributions: add 'strategy"):
         distill.run_variant("kd", {"loss": "forward_kl"}, **kw)
-    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['temperature'\]"):
+    with pytest.raises(ValueError, match=r"unknown setting 'temperature' \(did you mean 'T'\?\)|unknown setting 'temperature'"):
         distill.run_variant("kd", {"strategy": "base", "temperature": 2.0}, **kw)
+    with pytest.raises(ValueError, match="lr='2e-5x'"):
+        distill.run_variant("kd", {"strategy": "base", "lr": "2e-5x"}, **kw)
     with pytest.raises(FileNotFoundError, match="run notebooks/01_teacher_logits first"):
         distill.run_variant("kd", {"strategy": "base", "loss": "forward_kl"}, **kw)
 
@@ -135,3 +137,62 @@ def test_run_variant_trains_once_and_checks_its_inputs(tiny_dir, tmp_path, capsy
 def test_cli_names_a_missing_variant(capsys):
     assert distill.main(["--profile", "smoke", "--variant", "nope"]) == 1
     assert "variant 'nope' is not in" in capsys.readouterr().err
+
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}
+
+
+def test_grad_accumulation_weights_micro_batches_by_tokens(tiny_dir, store):
+    """Two micro-batches of one example = one batch of two: the step is the token mean over both,
+    even though the examples have different numbers of target tokens."""
+    _, tok = models.load_model(tiny_dir, dtype="fp32")
+    exs = distill.build_examples(RECORDS[:4], tok)
+    assert len({len(e.input_ids) - e.n_prompt for e in exs}) > 1  # unequal token counts: a mean of means differs
+    base = {"loss": "ce", "lr": 0.5, "epochs": 1, "lora_dropout": 0.0, "optimizer": "sgd", "momentum": 0.0}
+    one, h1 = distill.train(models.load_model(tiny_dir, dtype="fp32")[0], tok, exs, exs[:1],
+                            {**base, "batch_size": 2, "grad_accum": 1}, progress=False)
+    two, h2 = distill.train(models.load_model(tiny_dir, dtype="fp32")[0], tok, exs, exs[:1],
+                            {**base, "batch_size": 1, "grad_accum": 2}, progress=False)
+    assert h1["step"] == h2["step"] == [1, 2]
+    assert len(h2["micro_loss"]) == 4 and h2["micro_step"] == [1, 1, 2, 2] and len(h1["micro_loss"]) == 2
+    assert h2["micro_tokens"] != h2["micro_tokens"][::-1] or len(set(h2["micro_tokens"])) > 1
+    w1, w2 = _weights(one), _weights(two)
+    moved = max((w1[k] - w2[k]).abs().max().item() for k in w1)
+    assert moved < 1e-5
+    np.testing.assert_allclose(h1["train_loss"], h2["train_loss"], rtol=1e-5)
+
+
+def test_diverging_training_stops_and_saves_nothing(tiny_dir, tmp_path):
+    kw = dict(student=tiny_dir, results_dir=tmp_path, training={"epochs": 2, "batch_size": 2}, n_train=4,
+              n_validation=2, n_test=2, dtype="fp32", progress=False)
+    with pytest.raises(distill.TrainingDiverged) as err:
+        distill.run_variant("hot", {"loss": "ce", "lr": 1e30, "momentum": 0.0}, **kw)
+    msg = str(err.value)
+    assert "variant 'hot'" in msg and "at optimizer step" in msg and "lr=1e+30" in msg and "nothing was saved" in msg
+    assert "\n" not in msg
+    assert not (tmp_path / "adapters" / "hot").exists()
+    assert not list((tmp_path / "adapters").glob(".*")) if (tmp_path / "adapters").exists() else True
+
+
+def test_damaged_or_non_finite_adapters_are_refused(tiny_dir, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    kw = dict(student=tiny_dir, results_dir=tmp_path, training={"epochs": 1, "batch_size": 2}, n_train=4,
+              n_validation=2, n_test=2, dtype="fp32", progress=False)
+    out = distill.run_variant("ft", {"loss": "ce"}, **kw)
+    weights = out / "adapter_model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])  # truncated, as by a full disk
+    with pytest.raises(ValueError, match=r"adapter '.*ft' is damaged \(adapter_model.safetensors: .*truncated"):
+        models.load_model(tiny_dir, adapter=str(out), dtype="fp32")
+    capsys.readouterr()
+    distill.run_variant("ft", {"loss": "ce"}, **kw)  # recognised as damaged and trained again
+    assert "is damaged" in capsys.readouterr().out and weights.read_bytes() == good
+    tensors = load_file(str(weights))
+    name = next(iter(tensors))
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, str(weights))
+    (out / "manifest.json").unlink()  # no record to compare with: the weights themselves are checked
+    with pytest.raises(ValueError, match=r"adapter '.*ft' has non-finite weights \(1 of \d+ values"):
+        models.load_model(tiny_dir, adapter=str(out), dtype="fp32")

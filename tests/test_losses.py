@@ -27,6 +27,14 @@ def sparse(teacher_logits, k):
     return i, v.float()
 
 
+def sparse_with_tail(teacher_logits, k):
+    """Top-k ids, their log-probs and the exact tail log-mass (float64, then float32, like the store)."""
+    lp = torch.log_softmax(teacher_logits.double(), -1)
+    v, i = lp.topk(k, -1)
+    tail = torch.logsumexp(lp.scatter(-1, i, float("-inf")), -1)
+    return i, v.float(), tail.float()
+
+
 def mean(x, mask):
     return (x * mask).sum() / mask.sum()
 
@@ -76,40 +84,126 @@ def test_masked_positions_do_not_count(setup):
         torch.testing.assert_close(a, b)
 
 
+def folds64(student_logits, teacher_logits, k, T):
+    """An independent float64 reference of the definition: both sides folded at T = 1 into the
+    teacher's top-k ids + one tail (the tail summed in probability space from the full softmax),
+    then tempered identically."""
+    lt = torch.log_softmax(teacher_logits.double(), -1)
+    ls = torch.log_softmax(student_logits.double(), -1)
+    ids = lt.topk(k, -1).indices
+    outside = torch.ones_like(lt, dtype=torch.bool).scatter(-1, ids, False)
+
+    def fold(logp):
+        tail = (logp.exp() * outside).sum(-1, keepdim=True).log()
+        return torch.log_softmax(torch.cat([logp.gather(-1, ids), tail], -1) / T, -1)
+
+    return fold(lt), fold(ls)
+
+
+def ref_jsd(lp, lq, beta):
+    lm = torch.log(beta * lp.exp() + (1 - beta) * lq.exp())
+    return beta * ref_kl(lp, lm) + (1 - beta) * ref_kl(lq, lm)
+
+
+@pytest.mark.parametrize("T", [0.5, 2.0, 6.0])
 @pytest.mark.parametrize("k", [1, 5, 20])
-def test_topk_with_tail_is_the_exact_folded_divergence(setup, k):
-    """For k < V the loss is the exact KL between the (k + 1)-category folds described in the module."""
+def test_matches_float64_reference_of_the_one_fold_definition(setup, k, T):
+    """k < V and T != 1: the losses are the exact divergences between the tempered (k + 1)-way folds,
+    with the stored tail and with the tail derived from the top-k."""
     s, t, y, m = setup
-    ids, lps = sparse(t, k)
-    p = torch.log_softmax(t, -1).gather(-1, ids).exp()
-    p_fold = torch.cat([p, 1 - p.sum(-1, keepdim=True)], -1)
-    q_all = torch.softmax(s.double(), -1)
-    q = q_all.gather(-1, ids)
-    q_fold = torch.cat([q, 1 - q.sum(-1, keepdim=True)], -1)
-    ref = mean((p_fold * (p_fold.log() - q_fold.log())).sum(-1), m)
-    torch.testing.assert_close(losses.forward_kl(s, ids, lps, m).double(), ref, atol=1e-4, rtol=0)
-    assert losses.forward_kl(s, ids, lps, m) >= 0 and losses.reverse_kl(s, ids, lps, m) >= 0
+    ids, lps, tail = sparse_with_tail(t, k)
+    lp, lq = folds64(s, t, k, T)
+    refs = {"forward_kl": mean(ref_kl(lp, lq), m), "reverse_kl": mean(ref_kl(lq, lp), m)}
+    for beta in (0.1, 0.5, 0.9):
+        refs[f"jsd{beta}"] = mean(ref_jsd(lp, lq, beta), m)
+    for given in (tail, None):
+        got = {"forward_kl": losses.forward_kl(s, ids, lps, m, T, tail_logprobs=given),
+               "reverse_kl": losses.reverse_kl(s, ids, lps, m, T, tail_logprobs=given)}
+        for beta in (0.1, 0.5, 0.9):
+            got[f"jsd{beta}"] = losses.jsd(s, ids, lps, m, T, beta, tail_logprobs=given)
+        for name, ref in refs.items():
+            assert abs(got[name].item() - ref.item()) <= 1e-5, (name, given is None, got[name].item(), ref.item())
+    # the mixture: alpha · T² · KD + (1 - alpha) · CE, with the same KD
+    ce = mean(torch.nn.functional.cross_entropy(s.double().reshape(-1, V), y.reshape(-1), reduction="none").reshape(B, L), m)
+    loss, parts = losses.kd_loss("reverse_kl", s, y, m, ids, lps, T=T, alpha=0.3, tail_logprobs=tail)
+    assert parts["kd"] == pytest.approx(refs["reverse_kl"].item(), abs=1e-5)
+    assert loss.item() == pytest.approx(0.3 * T * T * refs["reverse_kl"].item() + 0.7 * ce.item(), abs=1e-4)
 
 
-def test_zero_when_student_equals_teacher(setup):
-    _, t, y, m = setup
-    for k in (4, V):
-        ids, lps = sparse(t, k)
-        s = t.float()
-        for fn in (losses.forward_kl, losses.reverse_kl, losses.jsd):
-            assert abs(fn(s, ids, lps, m).item()) < 1e-4
+def equal_student_divergences(s, ids, lps, tail, m, T):
+    """Every kind's KD value for student logits ``s`` (which require grad), with its gradient."""
+    out = {}
+    fns = {"forward_kl": lambda: losses.forward_kl(s, ids, lps, m, T, tail_logprobs=tail),
+           "reverse_kl": lambda: losses.reverse_kl(s, ids, lps, m, T, tail_logprobs=tail)}
+    for beta in (0.1, 0.5, 0.9):
+        fns[f"jsd{beta}"] = lambda beta=beta: losses.jsd(s, ids, lps, m, T, beta, tail_logprobs=tail)
+    for kind in ("forward_kl", "reverse_kl", "jsd"):
+        fns[f"kd_loss {kind}"] = lambda kind=kind: losses.kd_loss(kind, s, m.long(), m, ids, lps, T=T, alpha=1.0,
+                                                                  tail_logprobs=tail)[0] / (T * T)
+    for name, fn in fns.items():
+        s.grad = None
+        value = fn()
+        value.backward()
+        out[name] = (value.item(), s.grad.abs().max().item())
+    return out
 
 
-def test_gradients_flow_and_are_finite(setup):
+@pytest.mark.parametrize("T", [0.5, 1.0, 2.0, 6.0])
+@pytest.mark.parametrize("k", [8, 64, None])
+def test_student_equal_to_teacher_has_zero_loss_and_zero_gradient(T, k):
+    """A divergence between a distribution and itself is zero however it is tempered or folded."""
+    Vb = 3000
+    g = torch.Generator().manual_seed(1)
+    t = torch.randn(2, 3, Vb, generator=g, dtype=torch.float64) * 3
+    ids, lps, tail = sparse_with_tail(t, k or Vb)
+    s = t.float().requires_grad_(True)
+    m = torch.ones(2, 3)
+    for name, (value, grad) in equal_student_divergences(s, ids, lps, tail, m, T).items():
+        assert abs(value) <= 1e-6 and grad <= 1e-6, (name, value, grad)
+    _, parts = losses.kd_loss("jsd", s, m.long(), m, ids, lps, T=T, alpha=0.5, tail_logprobs=tail)
+    assert abs(parts["kd"]) <= 1e-6, parts
+
+
+@pytest.mark.parametrize("T", [0.5, 1.0, 2.0, 6.0])
+def test_confident_teacher_tiny_tail_equal_student(T):
+    """One logit far above the rest: the tail is ~1e-12, below fp32 resolution of 1 - sum(top-k).
+    Tempering at T = 6 raises it to ~1e-2, so it must be exact on both sides."""
+    Vb, k = 3000, 8
+    g = torch.Generator().manual_seed(2)
+    t = torch.randn(2, 3, Vb, generator=g, dtype=torch.float64)
+    t[..., 7] += 35.0
+    ids, lps, tail = sparse_with_tail(t, k)
+    assert (tail < math.log(1e-10)).all() and (tail > math.log(1e-14)).all()
+    s = t.float().requires_grad_(True)
+    m = torch.ones(2, 3)
+    for name, (value, grad) in equal_student_divergences(s, ids, lps, tail, m, T).items():
+        assert abs(value) <= 1e-6 and grad <= 1e-6, (name, value, grad)
+
+
+@pytest.mark.parametrize("k", [4, V])
+def test_gradients_flow_are_finite_and_filler_counts_nothing(setup, k):
+    """Masked positions hold filler (ids 0 repeated, log-probs -30, tail 0); with k = V the tail is
+    empty on both sides. Values and gradients stay finite and masked positions get no gradient."""
     s, t, y, m = setup
-    ids, lps = sparse(t, 4)
+    ids, lps, tail = sparse_with_tail(t, k)
+    ids[m == 0], lps[m == 0], tail[m == 0] = 0, -30.0, 0.0
+    if k == V:
+        tail[m == 1] = float("-inf")  # what the teacher stores when its ids cover the vocabulary
     s = s.clone().requires_grad_(True)
     for kind in ("forward_kl", "reverse_kl", "jsd"):
-        s.grad = None
-        loss, _ = losses.kd_loss(kind, s, y, m, ids, lps, T=2.0, alpha=1.0)
-        loss.backward()
-        assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
-        assert s.grad[m == 0].abs().sum() == 0
+        for T in (0.5, 1.0, 2.0):
+            for given in (tail, None):
+                s.grad = None
+                loss, _ = losses.kd_loss(kind, s, y, m, ids, lps, T=T, alpha=0.7, tail_logprobs=given)
+                loss.backward()
+                assert torch.isfinite(loss) and torch.isfinite(s.grad).all(), (kind, T)
+                assert s.grad.abs().sum() > 0 and s.grad[m == 0].abs().sum() == 0, (kind, T)
+    # the folds themselves: the tail is exactly -inf on both sides when the ids cover the vocabulary
+    lp = losses.fold_teacher(lps, 2.0, tail, vocab_size=V)
+    lq = losses.fold_student(s, ids, 2.0)
+    assert lp.shape == lq.shape == (B, L, k + 1)
+    assert bool(torch.isneginf(lp[..., -1][m == 1]).all()) == (k == V)
+    assert bool(torch.isneginf(lq[..., -1]).all()) == (k == V)
 
 
 def test_errors():

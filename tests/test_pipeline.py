@@ -8,12 +8,6 @@ import yaml
 from helpers import pipeline
 
 
-def test_profiles_in_configs_are_valid():
-    for name in ("smoke", "quick", "full"):
-        cfg = pipeline.load_profile(name)
-        assert cfg["run"] == name and cfg["stages"]
-
-
 def test_profile_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="known profiles: .*quick"):
         pipeline.load_profile("nope")
@@ -24,10 +18,16 @@ def test_profile_errors(tmp_path):
     bad.write_text("run: x\nstages: []\n")
     with pytest.raises(ValueError, match="'params' must be a dict"):
         pipeline.load_profile(bad)
+    bad.write_text("run: x\nparams: {}\nstages:\n  - notebook: 01_teacher_logits\n    parms: {}\n")
+    with pytest.raises(ValueError, match=r"stage 1 \(01_teacher_logits\): unknown field 'parms' \(did you mean 'params'\?\)"):
+        pipeline.load_profile(bad)
+    bad.write_text("run: x\nparams: {n_test: 1\nstages: []\n")
+    with pytest.raises(ValueError, match=r"bad\.yaml: not valid YAML"):
+        pipeline.load_profile(bad)
     with pytest.raises(ValueError, match="key=value"):
         pipeline.parse_set(["n_test"])
-    assert pipeline.parse_set(["n_test=8", "data_dir=null", "student=a/b"]) == {
-        "n_test": 8, "data_dir": None, "student": "a/b"}
+    assert pipeline.parse_set(["n_test=8", "data_dir=null", "student=a/b", "training={lr: 2e-5}"]) == {
+        "n_test": 8, "data_dir": None, "student": "a/b", "training": {"lr": 2e-5}}
 
 
 def test_unknown_stage_and_missing_notebook(tmp_path):
@@ -92,14 +92,51 @@ def test_smoke_profile_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_failing_stage_names_notebook_and_cell(tmp_path, capsys):
-    code = pipeline.main(["--profile", "smoke", "--root", str(tmp_path), "--set", "data_source=gsm9k"])
+    missing = str(tmp_path / "no-such-model")
+    code = pipeline.main(["--profile", "smoke", "--root", str(tmp_path), "--set", f"teacher={missing}"])
     err = capsys.readouterr().err
     assert code == 1
-    assert "stage '01_teacher_logits' failed in cell" in err and "unknown data source 'gsm9k'" in err
+    assert err.count("\n") == 1 and err.startswith("error: stage '01_teacher_logits' failed in cell")
+    assert f"could not load model '{missing}'" in err
     failed = tmp_path / "results" / "smoke" / "notebooks" / "01_teacher_logits.failed.ipynb"
-    assert failed.is_file() and str(failed) in err
+    assert failed.is_file() and f"[traceback in {failed}]" in err
+    assert "Traceback" in failed.read_text() or "ValueError" in failed.read_text()
     assert not (tmp_path / "results" / "smoke" / "notebooks" / "01_teacher_logits.ipynb").exists()
     assert not (tmp_path / "results" / "smoke" / "stages").exists()  # nothing recorded as done
+    assert not (tmp_path / "results" / "smoke" / ".lock").exists()  # the lock goes with the run
+
+
+def test_a_second_run_into_the_same_folder_is_refused(tmp_path, capsys):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    results = tmp_path / "results" / "smoke"
+    with pipeline.run_lock(results) as lock:
+        holder = json.loads(lock.read_text())
+        assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
+        assert pipeline.main(["--profile", "smoke", "--root", str(tmp_path)]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{results} is in use by another run (pid {os.getpid()}" in err
+        assert f"delete {lock}" in err
+        with pytest.raises(pipeline.RunLocked):
+            with pipeline.run_lock(results):
+                pass
+        assert lock.is_file()  # the refused run leaves the holder's lock alone
+    assert not lock.exists()
+    # a lock whose process is gone (killed run) is taken over
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "since": "earlier"}))
+    with pipeline.run_lock(results):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert "stale lock" in capsys.readouterr().out and not lock.exists()
+    # the lock is released when the run fails, too
+    with pytest.raises(RuntimeError):
+        with pipeline.run_lock(results):
+            raise RuntimeError("stage failed")
+    assert not lock.exists()
 
 
 def test_each_runs_one_instance_per_variant(tmp_path):

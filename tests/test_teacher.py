@@ -4,7 +4,8 @@ import torch
 
 from helpers import models, teacher
 from helpers.data import Record
-from helpers.logit_store import LogitStore
+from helpers.artifacts import read_manifest, write_manifest
+from helpers.logit_store import FIELDS, STORE_FORMAT, LogitStore
 from helpers.prompts import student_messages
 
 RECORDS = [Record(f"r{i}", q, f"{i} + 1 = {i + 1}\n#### {i + 1}", float(i + 1)) for i, q in enumerate([
@@ -30,6 +31,7 @@ def test_capture_does_not_change_generation(loaded):
     for r in with_cap:
         n = len(r["token_ids"])
         assert r["topk_ids"].shape == (n, 8) and r["topk_logprobs"].shape == (n, 8) and r["token_logprobs"].shape == (n,)
+        assert r["tail_logprobs"].shape == (n,) and r["tail_logprobs"].dtype == np.float32
         # greedy: the token taken is the teacher's top-1
         assert list(r["topk_ids"][:, 0]) == r["token_ids"]
 
@@ -47,6 +49,13 @@ def test_capture_matches_a_full_forward_pass(loaded):
                                logp.gather(1, torch.tensor(row["token_ids"])[:, None]).squeeze(1), atol=1e-5, rtol=0)
     top = logp.topk(len(tok), -1)
     torch.testing.assert_close(torch.from_numpy(row["topk_logprobs"]).float(), top.values, atol=2e-2, rtol=1e-3)
+    assert np.isneginf(row["tail_logprobs"]).all()  # k covers the vocabulary: the tail is empty
+    # with k < vocabulary: the tail is the exact log-mass outside the top-k, in fp32
+    row8 = teacher.generate_with_capture(model, tok, [prompt], k=8, max_new_tokens=8)[0]
+    assert row8["token_ids"] == row["token_ids"]
+    outside = torch.ones_like(logp, dtype=torch.bool).scatter(1, torch.from_numpy(row8["topk_ids"]).long(), False)
+    tail = torch.log((logp.double().exp() * outside).sum(-1))
+    torch.testing.assert_close(torch.from_numpy(row8["tail_logprobs"]).double(), tail, atol=1e-5, rtol=0)
 
 
 def test_sampled_capture_records_the_raw_distribution(loaded):
@@ -79,12 +88,13 @@ def test_score_mode_agrees_with_generation(loaded):
         n = len(g["token_ids"])
         assert s["token_ids"][:n] == g["token_ids"] and s["token_ids"][n] == tok.eos_token_id
         np.testing.assert_allclose(s["token_logprobs"][:n], g["token_logprobs"], atol=1e-4)
+        np.testing.assert_allclose(s["tail_logprobs"][:n], g["tail_logprobs"], atol=1e-4)
         assert (s["topk_ids"][:n] == g["topk_ids"]).all()
 
 
 def _store_arrays(store):
     return {rid: (store.get(rid).response, *[getattr(store.get(rid), f).tolist()
-                  for f in ("token_ids", "topk_ids", "topk_logprobs", "token_logprobs")]) for rid in store.ids()}
+                  for f in FIELDS]) for rid in store.ids()}
 
 
 def test_resumed_store_equals_uninterrupted(loaded, tiny_dir, tmp_path):
@@ -97,16 +107,17 @@ def test_resumed_store_equals_uninterrupted(loaded, tiny_dir, tmp_path):
     resumed = teacher.build_store(tmp_path / "part", RECORDS, **kw)
     assert resumed.complete
     assert _store_arrays(resumed) == _store_arrays(whole)
+    assert read_manifest(tmp_path / "part") == read_manifest(tmp_path / "whole")
     for s in range(3):
         name = f"shard-{s:05d}.safetensors"
         assert (tmp_path / "part" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
-    # the arrays cost exactly 6·k + 8 bytes per token; the rest is the per-shard header (ids, texts)
+    # the arrays cost exactly 6·k + 12 bytes per token; the rest is the per-shard header (ids, texts)
     import struct
     payload = 0
     for s in range(3):
         raw = (tmp_path / "whole" / f"shard-{s:05d}.safetensors").read_bytes()
         payload += len(raw) - 8 - struct.unpack("<Q", raw[:8])[0]
-    assert payload - 8 * (len(RECORDS) + 3) == whole.tokens() * (6 * 8 + 8)  # offsets: n + 1 int64 per shard
+    assert payload - 8 * (len(RECORDS) + 3) == whole.tokens() * (6 * 8 + 12)  # offsets: n + 1 int64 per shard
 
 
 def test_changed_settings_start_afresh(loaded, tiny_dir, tmp_path):
@@ -138,3 +149,69 @@ def test_tokenizer_mismatch_is_refused(loaded, tiny_dir, tmp_path):
         LogitStore(tmp_path / "nothing")
     with pytest.raises(ValueError, match="unknown teacher mode"):
         teacher.build_store(tmp_path / "x", RECORDS, teacher=tiny_dir, strategy="base", mode="beam", loaded=loaded)
+
+
+def _kw(loaded, tiny_dir):
+    return dict(teacher=tiny_dir, strategy="teacher", k=8, max_new_tokens=6, batch_size=2, shard_size=2,
+                loaded=loaded, progress=False)
+
+
+def test_damaged_shard_is_named_and_rebuilt(loaded, tiny_dir, tmp_path, capsys):
+    whole = teacher.build_store(tmp_path / "whole", RECORDS, **_kw(loaded, tiny_dir))
+    store_dir = tmp_path / "s"
+    teacher.build_store(store_dir, RECORDS, **_kw(loaded, tiny_dir))
+    shard = store_dir / "shard-00001.safetensors"
+    good = shard.read_bytes()
+    # truncated: the reader refuses it when opening, in one line naming the file and the remedy
+    shard.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ValueError) as err:
+        LogitStore(store_dir)
+    msg = str(err.value)
+    assert str(shard) in msg and "re-run notebooks/01_teacher_logits" in msg and "\n" not in msg
+    assert err.value.__context__ is None
+    # the writer names it, rebuilds it, and the store equals an undamaged one
+    capsys.readouterr()
+    rebuilt = teacher.build_store(store_dir, RECORDS, **_kw(loaded, tiny_dir))
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and str(shard) in lines[0] and "damaged" in lines[0], lines
+    assert shard.read_bytes() == good
+    assert _store_arrays(rebuilt) == _store_arrays(whole)
+    # garbage of the same size: the header still parses, the digest does not match on first load
+    garbled = bytearray(good)
+    garbled[-20:] = b"\xff" * 20
+    shard.write_bytes(bytes(garbled))
+    store = LogitStore(store_dir)
+    with pytest.raises(ValueError, match="shard-00001.safetensors is damaged") as err:
+        store.get("r2")
+    assert str(shard) in str(err.value) and "re-run notebooks/01_teacher_logits" in str(err.value)
+    # garbage in the header: the same one-line message, not a safetensors traceback
+    shard.write_bytes(b"\x07" * len(good))
+    with pytest.raises(ValueError, match="shard-00001.safetensors is damaged") as err:
+        LogitStore(store_dir)
+    assert err.value.__suppress_context__  # raised "from None": no safetensors traceback above it
+    teacher.build_store(store_dir, RECORDS, **_kw(loaded, tiny_dir))
+    assert shard.read_bytes() == good
+
+
+def test_leftover_temporaries_are_removed(loaded, tiny_dir, tmp_path):
+    store_dir = tmp_path / "s"
+    teacher.build_store(store_dir, RECORDS, stop_after_shards=1, **_kw(loaded, tiny_dir))
+    stray = store_dir / ".shard-00001.safetensors.abc.tmp"
+    stray.write_bytes(b"half a shard")
+    store = teacher.build_store(store_dir, RECORDS, **_kw(loaded, tiny_dir))
+    assert store.complete and not stray.exists()
+    assert sorted(p.name for p in store_dir.iterdir()) == ["manifest.json"] + [f"shard-{s:05d}.safetensors"
+                                                                               for s in range(3)]
+
+
+def test_old_format_store_is_refused_and_rebuilt(loaded, tiny_dir, tmp_path):
+    store_dir = tmp_path / "s"
+    teacher.build_store(store_dir, RECORDS[:2], **_kw(loaded, tiny_dir))
+    manifest = read_manifest(store_dir)
+    old = {**manifest, "settings": {k: v for k, v in manifest["settings"].items() if k != "format"}}
+    write_manifest(store_dir, old)
+    with pytest.raises(ValueError, match="store format 1") as err:
+        LogitStore(store_dir)
+    assert str(store_dir) in str(err.value) and "re-run notebooks/01_teacher_logits" in str(err.value)
+    store = teacher.build_store(store_dir, RECORDS[:2], **_kw(loaded, tiny_dir))
+    assert store.manifest["settings"]["format"] == STORE_FORMAT and np.isfinite(store.get("r0").tail_logprobs).all()
