@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -161,7 +162,7 @@ def bench_collm(model, tok, *, tokens: int, rate: float, repeats: int, prompts: 
         from .teacher import generate_with_capture
         return len(generate_with_capture(model, tok, [ap[i]], max_new_tokens=tokens, capture=False)[0]["token_ids"])
 
-    runs = {"base": per_token(lambda i: co(i, eta=1.0 + 1e-6)), "assistant": per_token(asst_alone),
+    runs = {"base": per_token(lambda i: co(i, eta_logit=math.inf)), "assistant": per_token(asst_alone),
             "co": per_token(lambda i: co(i, random_prob=rate)),
             "reread": per_token(lambda i: co(i, random_prob=rate, asst_cache=False))}
     times = {k: [] for k in runs}

@@ -11,7 +11,13 @@ After "Learning to Decode Collaboratively with Multiple Language Models" (Shen e
 - Initialisation by weak supervision: Z_t = 1 exactly where the target token is the assistant's
   top-1 and not the untuned base model's top-1; the head is first fitted to these labels with
   class-weighted binary cross-entropy (base frozen), then the marginal likelihood takes over.
-- Decoding: at each step the base computes σ_t; if σ_t > η the assistant writes the token.
+  Both phases: Adam with a small learning rate and an L2 penalty on the head, evaluated on the
+  validation split after every epoch; the best epoch's weights are kept (early stopping). Where
+  the assistant is better at nearly every token the marginal likelihood has no finite optimum
+  and an unregularised head's logits run away (σ = 1.0 everywhere).
+- Decoding: at each step the base computes the deferral logit ℓ_t; if ℓ_t > η_logit the
+  assistant writes the token (σ_t > σ(η_logit); thresholds live on the logit scale end to end,
+  +inf = never, −inf = always, since σ rounds to 1.0 for a confident head).
   Both models keep KV caches; the assistant is only run when some row defers, and then reads
   every token it has not seen yet in one forward pass. Each token records who wrote it.
 """
@@ -146,8 +152,10 @@ def _aligned(chunk, batch, store, field: str) -> torch.Tensor:
 
 @torch.no_grad()
 def frozen_features(base, tok, examples, store, batch_size: int = 8) -> Features:
-    """One pass of the frozen, untuned base over the training solutions: hidden states, base and
-    assistant log-probs of the targets, and the weak labels."""
+    """One pass of the base over reference solutions (training or validation): hidden states, base
+    and assistant log-probs of the targets, and the weak labels. The base is used as given: the
+    untuned base for the head-alone path and for the weak head, the LoRA-tuned one for a jointly
+    trained head."""
     hs, bl, al, zs = [], [], [], []
     for chunk, batch in _batches(examples, batch_size, tok.pad_token_id):
         batch = {k: v.to(base.device) for k, v in batch.items()}
@@ -164,30 +172,99 @@ def frozen_features(base, tok, examples, store, batch_size: int = 8) -> Features
     return Features(torch.cat(hs), torch.cat(bl), torch.cat(al), torch.cat(zs))
 
 
-def _fit_head(head: DeferralHead, feats: Features, loss_fn, *, epochs: int, lr: float, batch_size: int,
-              seed: int) -> list[float]:
-    """Adam on the head over shuffled cached token features; ``loss_fn(head, idx, dev)``; mean loss per epoch."""
+@torch.no_grad()
+def head_logits(head: DeferralHead, feats: Features) -> np.ndarray:
+    """The head's deferral logits at every token of ``feats`` (float64), the same numbers as
+    ``deferral_logits`` on the examples the features were computed from."""
+    dev = head.proj.weight.device
+    return torch.cat([head(feats.hidden[i:i + 8192].to(dev)).double().cpu()
+                      for i in range(0, len(feats.labels), 8192)]).numpy()
+
+
+@torch.no_grad()
+def features_nll(head: DeferralHead, feats: Features) -> float:
+    """Token-mean marginal NLL of the head on cached features (the validation criterion)."""
+    d = torch.as_tensor(head_logits(head, feats))
+    return marginal_nll(feats.base_logp.double(), feats.asst_logp.double(), d, torch.ones_like(d)).item()
+
+
+def reference_nll(feats: Features) -> dict:
+    """Token-mean NLL of the fixed choices a head is compared with: always the base, always the
+    assistant, and the better of the two at every token (the oracle a head cannot beat)."""
+    b, a = feats.base_logp.double(), feats.asst_logp.double()
+    return {"always base": -b.mean().item(), "always assistant": -a.mean().item(),
+            "better per token": -torch.maximum(a, b).mean().item()}
+
+
+def _l2(module: nn.Module) -> torch.Tensor:
+    return sum((p.float() ** 2).sum() for p in module.parameters())
+
+
+class _BestEpoch:
+    """Early stopping: remembers the best validation value and a snapshot of the weights that gave
+    it; ``update`` says whether ``patience`` epochs have passed without improvement."""
+
+    def __init__(self, patience: int | None):
+        self.patience, self.best, self.best_epoch, self.state, self.bad = patience, math.inf, 0, None, 0
+
+    def update(self, value: float, epoch: int, snapshot) -> bool:
+        if value < self.best:
+            self.best, self.best_epoch, self.state, self.bad = value, epoch, snapshot(), 0
+        else:
+            self.bad += 1
+        return self.patience is not None and self.bad >= self.patience
+
+
+def _fit_head(head: DeferralHead, n: int, loss_fn, val_fn, *, epochs: int, lr: float, weight_decay: float,
+              batch_size: int, seed: int, patience: int | None) -> dict:
+    """Adam on the head over shuffled cached token features, ``loss_fn(head, idx, dev)`` plus the
+    L2 penalty ``weight_decay/2·‖θ‖²`` on all head parameters. With ``val_fn`` (the validation
+    criterion of a head, no penalty) it is evaluated before training and after every epoch; the
+    best epoch's weights are restored at the end (epoch 0: the starting weights) and training
+    stops after ``patience`` epochs without improvement. Returns the curves."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(head.parameters(), lr=lr)
     dev = head.proj.weight.device
-    losses = []
-    for _ in range(epochs):
-        order = torch.randperm(len(feats.labels), generator=g)
+    snapshot = lambda: {k: v.detach().clone() for k, v in head.state_dict().items()}  # noqa: E731
+    track = _BestEpoch(patience)
+    hist = {"train": [], "validation": [], "validation_before": None, "best_epoch": None, "epochs_run": 0,
+            "lr": lr, "weight_decay": weight_decay, "patience": patience}
+    if val_fn is not None:
+        hist["validation_before"] = val_fn(head)
+        track.update(hist["validation_before"], 0, snapshot)
+    for epoch in range(1, epochs + 1):
+        order = torch.randperm(n, generator=g)
         total = 0.0
-        for i in range(0, len(order), batch_size):
+        for i in range(0, n, batch_size):
             idx = order[i:i + batch_size]
             loss = loss_fn(head, idx, dev)
+            total += loss.item() * len(idx)
+            if weight_decay:
+                loss = loss + 0.5 * weight_decay * _l2(head)
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += loss.item() * len(idx)
-        losses.append(total / len(order))
-    return losses
+        hist["train"].append(total / n)
+        hist["epochs_run"] = epoch
+        if val_fn is not None:
+            hist["validation"].append(val_fn(head))
+            if track.update(hist["validation"][-1], epoch, snapshot):
+                break
+    if val_fn is not None:
+        head.load_state_dict(track.state)
+        hist["best_epoch"], hist["validation_best"] = track.best_epoch, track.best
+    else:
+        hist["best_epoch"] = hist["epochs_run"]
+    return hist
 
 
-def fit_head_weak(head: DeferralHead, feats: Features, *, epochs: int = 50, lr: float = 1e-2,
-                  batch_size: int = 1024, seed: int = 0) -> list[float]:
-    """Initialise the head on the weak labels: class-weighted binary cross-entropy, base frozen."""
+def fit_head_weak(head: DeferralHead, feats: Features, *, val: Features | None = None, epochs: int = 40,
+                  lr: float = 1e-3, weight_decay: float = 1e-2, patience: int | None = 3, batch_size: int = 1024,
+                  seed: int = 0) -> dict:
+    """Initialise the head on the weak labels: class-weighted binary cross-entropy (positives
+    weighted by the training set's negative/positive ratio), base frozen. With ``val``, early
+    stopping on the validation set's weighted BCE (same weights). Returns the curves (see
+    ``_fit_head``)."""
     pos = feats.labels.sum().item()
     pos_weight = torch.tensor((len(feats.labels) - pos) / max(pos, 1.0))
 
@@ -195,50 +272,119 @@ def fit_head_weak(head: DeferralHead, feats: Features, *, epochs: int = 50, lr: 
         return F.binary_cross_entropy_with_logits(h(feats.hidden[idx].to(dev)), feats.labels[idx].to(dev),
                                                   pos_weight=pos_weight.to(dev))
 
-    return _fit_head(head, feats, bce, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+    def val_bce(h):
+        with torch.no_grad():
+            d = torch.as_tensor(head_logits(h, val))
+            return F.binary_cross_entropy_with_logits(d, val.labels.double(), pos_weight=pos_weight.double()).item()
+
+    return _fit_head(head, len(feats.labels), bce, None if val is None else val_bce, epochs=epochs, lr=lr,
+                     weight_decay=weight_decay, batch_size=batch_size, seed=seed, patience=patience)
 
 
-def fit_head_marginal(head: DeferralHead, feats: Features, *, epochs: int = 50, lr: float = 1e-2,
-                      batch_size: int = 1024, seed: int = 0) -> list[float]:
-    """Marginal-likelihood training of the head alone on a frozen base (cached features)."""
+def fit_head_marginal(head: DeferralHead, feats: Features, *, val: Features | None = None, epochs: int = 40,
+                      lr: float = 1e-3, weight_decay: float = 1e-2, patience: int | None = 3,
+                      batch_size: int = 1024, seed: int = 0) -> dict:
+    """Marginal-likelihood training of the head alone on a frozen base (cached features), with
+    early stopping on the validation marginal NLL when ``val`` is given.
+
+    Where the assistant is better at almost every token the objective has no finite optimum (σ → 1
+    everywhere) and the logits grow as long as training runs; the L2 penalty gives the penalised
+    objective a finite optimum (a coupled penalty: Adam's normalised steps would otherwise keep
+    pushing a consistently signed gradient, and decoupled AdamW decay only stops each weight at
+    ±1/λ), and early stopping keeps the epoch that predicts held-out tokens best."""
     def nll(h, idx, dev):
         return marginal_nll(feats.base_logp[idx].to(dev), feats.asst_logp[idx].to(dev),
                             h(feats.hidden[idx].to(dev)), torch.ones(len(idx), device=dev))
 
-    return _fit_head(head, feats, nll, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+    return _fit_head(head, len(feats.labels), nll, None if val is None else (lambda h: features_nll(h, val)),
+                     epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, seed=seed,
+                     patience=patience)
 
 
-def train_joint(base, head: DeferralHead, tok, examples, store, *, epochs: int = 2, lr: float = 1e-3,
+@torch.no_grad()
+def examples_nll(model, head: DeferralHead, tok, examples, store, batch_size: int = 8) -> float:
+    """Token-mean marginal NLL of ``examples`` through ``model`` (e.g. the LoRA-tuned base) and the head."""
+    total, count = 0.0, 0.0
+    for chunk, batch in _batches(examples, batch_size, tok.pad_token_id):
+        asst_logp = _aligned(chunk, batch, store, "logp").to(model.device)
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+        n = batch["mask"].sum().item()
+        total += n * marginal_nll(_gather_targets(out.logits[:, :-1], batch["targets"]), asst_logp,
+                                  head(out.hidden_states[-1][:, :-1]), batch["mask"]).item()
+        count += n
+    return total / max(count, 1.0)
+
+
+def train_joint(base, head: DeferralHead, tok, examples, store, *, val_examples=None, val_store=None,
+                epochs: int = 2, lr: float = 1e-3, weight_decay: float = 1e-2, patience: int | None = 3,
                 batch_size: int = 4, lora: dict | None = None, seed: int = 0):
-    """Marginal-likelihood training of the head together with LoRA on the base.
-    Returns ``(peft_model, losses per step)``."""
+    """Marginal-likelihood training of the head together with LoRA on the base (AdamW on the LoRA
+    weights; the head gets the same L2 penalty as ``fit_head_marginal``). With ``val_examples``
+    and ``val_store`` the validation marginal NLL is evaluated before training and after every
+    epoch, the best epoch's LoRA and head weights are restored, and training stops after
+    ``patience`` epochs without improvement. Returns ``(peft_model, curves)``: ``train_step`` (loss
+    per step), ``train`` (mean per epoch), ``validation``, ``validation_before``, ``best_epoch``."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
     lora = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
             **(lora or {})}
     model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **lora))
-    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=lr)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": [p for _, p in trainable]},
+                             {"params": list(head.parameters()), "weight_decay": 0.0}], lr=lr)
+
+    def snapshot():
+        return ({n: p.detach().clone() for n, p in trainable},
+                {k: v.detach().clone() for k, v in head.state_dict().items()})
+
+    validate = val_examples is not None and val_store is not None
+    track = _BestEpoch(patience)
+    hist = {"train_step": [], "train": [], "validation": [], "validation_before": None, "best_epoch": None,
+            "epochs_run": 0, "lr": lr, "weight_decay": weight_decay, "patience": patience}
+    if validate:
+        model.eval()
+        hist["validation_before"] = examples_nll(model, head, tok, val_examples, val_store, batch_size)
+        track.update(hist["validation_before"], 0, snapshot)
     order = list(range(len(examples)))
     rng = np.random.default_rng(seed)
-    losses = []
-    model.train()
-    for _ in range(epochs):
+    for epoch in range(1, epochs + 1):
+        model.train()
         rng.shuffle(order)
         shuffled = [examples[i] for i in order]
+        steps = []
         for chunk, batch in _batches(shuffled, batch_size, tok.pad_token_id):
             asst_logp = _aligned(chunk, batch, store, "logp").to(model.device)
             batch = {k: v.to(model.device) for k, v in batch.items()}
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
             loss = marginal_nll(_gather_targets(out.logits[:, :-1], batch["targets"]), asst_logp,
                                 head(out.hidden_states[-1][:, :-1]), batch["mask"])
+            steps.append(loss.item())
+            if weight_decay:
+                loss = loss + 0.5 * weight_decay * _l2(head)
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(loss.item())
+        hist["train_step"] += steps
+        hist["train"].append(float(np.mean(steps)))
+        hist["epochs_run"] = epoch
+        if validate:
+            model.eval()
+            hist["validation"].append(examples_nll(model, head, tok, val_examples, val_store, batch_size))
+            if track.update(hist["validation"][-1], epoch, snapshot):
+                break
+    if validate:
+        lora_state, head_state = track.state
+        with torch.no_grad():
+            for n, p in trainable:
+                p.copy_(lora_state[n])
+        head.load_state_dict(head_state)
+        hist["best_epoch"], hist["validation_best"] = track.best_epoch, track.best
+    else:
+        hist["best_epoch"] = hist["epochs_run"]
     model.eval()
-    return model, losses
+    return model, hist
 
 
 @torch.no_grad()
@@ -255,17 +401,29 @@ def deferral_logits(base, head, tok, examples, batch_size: int = 8) -> np.ndarra
 
 
 def thresholds_for(logits: np.ndarray, frequencies) -> list[float]:
-    """η per target deferral frequency f: σ at the (1 − f) quantile of the observed deferral
-    logits (in float64, so thresholds near 1 stay distinct), with f = 0 above every σ (η > 1)
-    and f = 1 below every σ (η < 0)."""
-    out = []
+    """A deferral-logit threshold per target deferral frequency f ("defer when logit > threshold"),
+    cut from the observed logits in float64: +inf for f ≤ 0 (never defer), −inf for f ≥ 1 (always),
+    and otherwise the midpoint between the k-th and (k+1)-th largest logit, k = round(f·N) clamped
+    to 1…N−1, so exactly k of the N observed logits lie above it (unless logits tie there) and
+    thresholds stay finite and distinct however confident the head is (σ = 1.0 in floating point
+    above a logit of about 36.7, and equal values cannot be ranked)."""
+    s = np.sort(np.asarray(logits, dtype=np.float64).ravel())
+    if len(s) == 0:
+        raise ValueError("thresholds_for needs at least one observed deferral logit")
+    if not np.isfinite(s).all():
+        raise ValueError("thresholds_for: the observed deferral logits contain inf or NaN")
+    n, out = len(s), []
     for f in frequencies:
+        f = float(f)
         if f <= 0:
-            out.append(1.0 + 1e-6)
+            out.append(math.inf)
         elif f >= 1:
-            out.append(-1e-6)
+            out.append(-math.inf)
+        elif n == 1:
+            out.append(float(s[0]) - 1.0 if f >= 0.5 else float(s[0]))
         else:
-            out.append(float(1.0 / (1.0 + np.exp(-np.quantile(logits, 1 - f)))))
+            k = min(n - 1, max(1, int(round(f * n))))
+            out.append(float(0.5 * (s[n - k - 1] + s[n - k])))
     return out
 
 
@@ -278,6 +436,73 @@ def logit_threshold(eta: float) -> float:
     return math.log(eta) - math.log1p(-eta)
 
 
+def sigma(logit: float) -> float:
+    """σ of a deferral logit in float64 (for display: it rounds to 1.0 above a logit of ~36.7)."""
+    logit = float(logit)
+    if logit >= 0:
+        return 1.0 / (1.0 + math.exp(-logit))
+    return math.exp(logit) / (1.0 + math.exp(logit))
+
+
+def _defer(dlogit: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
+    """logit > cut, with cut = +inf never and cut = −inf always deferring, whatever the logit."""
+    return torch.where(torch.isinf(cut), cut < 0, dlogit > cut)
+
+
+# --------------------------------------------------------------------------- calibration
+def responsibilities(logits: np.ndarray, feats: Features) -> np.ndarray:
+    """Posterior P(Z_t = 1 | x_t, x_<t) = σ·p_asst / ((1 − σ)·p_base + σ·p_asst) of the assistant
+    having written each reference token, under the head's own σ (float64)."""
+    d = torch.as_tensor(np.asarray(logits, dtype=np.float64))
+    b, a = feats.base_logp.double(), feats.asst_logp.double()
+    log_num = F.logsigmoid(d) + a
+    return torch.exp(log_num - torch.logaddexp(F.logsigmoid(-d) + b, log_num)).numpy()
+
+
+def calibration_table(logits: np.ndarray, feats: Features, bins: int = 10):
+    """Reliability bins of σ (equal width on [0, 1]) on held-out tokens: tokens, mean σ, the mean
+    posterior responsibility r of the assistant, and the weak-label rate for reference. Empty bins
+    are left out.
+
+    r is the calibration target that fits the marginal-likelihood objective: σ is the prior of the
+    latent "the assistant writes this token", the objective's stationary points satisfy
+    Σ_t (r_t − σ_t)·∂logit_t = 0, and where the tokens follow the model E[r | σ] = σ exactly. The
+    weak label (the assistant's top-1, not the base's) is a different event and need not match
+    σ. Since r uses the head's own σ it is pulled towards σ: a gap is understated, never invented."""
+    import pandas as pd
+
+    d = np.asarray(logits, dtype=np.float64)
+    s = torch.sigmoid(torch.as_tensor(d)).numpy()
+    r = responsibilities(d, feats)
+    z = feats.labels.double().numpy()
+    j = np.minimum((s * bins).astype(int), bins - 1)
+    rows = []
+    for b in range(bins):
+        m = j == b
+        if m.any():
+            rows.append({"bin low": b / bins, "bin high": (b + 1) / bins, "tokens": int(m.sum()),
+                         "mean sigma": float(s[m].mean()), "responsibility": float(r[m].mean()),
+                         "weak label rate": float(z[m].mean())})
+    return pd.DataFrame(rows)
+
+
+def expected_calibration_error(table) -> float:
+    """Σ_bins (tokens / N)·|mean σ − mean responsibility| of a ``calibration_table``."""
+    w = table["tokens"] / table["tokens"].sum()
+    return float((w * (table["mean sigma"] - table["responsibility"]).abs()).sum())
+
+
+QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
+
+
+def logit_summary(logits: np.ndarray, quantiles=QUANTILES) -> dict:
+    """Quantiles of deferral logits, and the share whose σ rounds to 1.0 in float32 (logit > ~16.6)."""
+    d = np.asarray(logits, dtype=np.float64)
+    out = {f"q{round(100 * q):02d}": float(np.quantile(d, q)) for q in quantiles}
+    out["share sigma=1 (fp32)"] = float((torch.sigmoid(torch.as_tensor(d, dtype=torch.float32)) == 1.0).float().mean())
+    return out
+
+
 # --------------------------------------------------------------------------- decoding
 @dataclass
 class DecodeStats:
@@ -288,19 +513,26 @@ class DecodeStats:
 
 
 @torch.no_grad()
-def co_generate(base, head, tok, asst, base_prompts: list[str], asst_prompts: list[str], *, eta=0.5,
-                random_prob=None, seed: int = 0, max_new_tokens: int = 128, base_cache: bool = True,
+def co_generate(base, head, tok, asst, base_prompts: list[str], asst_prompts: list[str], *, eta_logit=None,
+                random_prob=None, eta=None, seed: int = 0, max_new_tokens: int = 128, base_cache: bool = True,
                 asst_cache: bool = True, stats: DecodeStats | None = None) -> list[dict]:
-    """Greedy Co-LLM decoding of a batch. Row b defers token t to the assistant when
-    σ_t > eta[b] (learned), or, with ``random_prob``, with probability random_prob[b].
+    """Greedy Co-LLM decoding of a batch. Row b defers token t to the assistant when its deferral
+    logit is above ``eta_logit[b]`` (learned; +inf: never, −inf: always, exactly), or, with
+    ``random_prob``, with probability random_prob[b]. ``eta`` is the same on the σ scale
+    (σ > η), for callers that think in probabilities; it cannot express cuts above σ ≈ 1 − 1e-16.
 
-    ``eta`` is one threshold or one per row; σ_t > η is decided on the logit scale.
-    The base reads ``base_prompts``, the assistant ``asst_prompts`` (its own strategy prompt, or
-    the same), both followed by the tokens written so far. With caches, the assistant runs only
-    at steps where some unfinished row defers, and then reads all tokens it has not seen in one
-    forward pass. Returns per row: ``token_ids``, ``who`` (1 = assistant), ``sigma``, ``response``,
+    Thresholds are one value or one per row. The base reads ``base_prompts``, the assistant
+    ``asst_prompts`` (its own strategy prompt, or the same), both followed by the tokens written
+    so far. With caches, the assistant runs only at steps where some unfinished row defers, and
+    then reads all tokens it has not seen in one forward pass. Returns per row: ``token_ids``,
+    ``who`` (1 = assistant), ``logit`` (the deferral logit at each step), ``sigma``, ``response``,
     ``finished``.
     """
+    given = [k for k, v in (("eta_logit", eta_logit), ("eta", eta), ("random_prob", random_prob)) if v is not None]
+    if len(given) != 1:
+        raise ValueError(f"co_generate needs exactly one of eta_logit, eta, random_prob; got {given or 'none'}")
+    if eta is not None:
+        eta_logit = [logit_threshold(float(e)) for e in np.atleast_1d(np.asarray(eta, dtype=np.float64))]
     t0 = time.perf_counter()
     stats = stats if stats is not None else DecodeStats()
     dev = base.device
@@ -310,9 +542,8 @@ def co_generate(base, head, tok, asst, base_prompts: list[str], asst_prompts: li
     add = add_special_tokens(tok)
     enc_b = tok(base_prompts, return_tensors="pt", padding=True, add_special_tokens=add).to(dev)
     enc_a = tok(asst_prompts, return_tensors="pt", padding=True, add_special_tokens=add).to(asst.device)
-    # σ > η is decided as logit > logit(η) in float64: σ itself saturates near 1
-    cut = (torch.tensor([logit_threshold(float(e)) for e in np.broadcast_to(np.asarray(eta, dtype=np.float64), (B,))],
-                        dtype=torch.float64, device=dev) if random_prob is None else None)
+    cut = None if eta_logit is None else torch.as_tensor(
+        np.broadcast_to(np.asarray(eta_logit, dtype=np.float64), (B,)).copy(), dtype=torch.float64, device=dev)
     rprob = None if random_prob is None else torch.as_tensor(random_prob, dtype=torch.float32).expand(B)
     rng = torch.Generator().manual_seed(seed)
     eos = set([tok.eos_token_id] + ([] if base.generation_config.eos_token_id is None else
@@ -321,7 +552,7 @@ def co_generate(base, head, tok, asst, base_prompts: list[str], asst_prompts: li
     pad = tok.pad_token_id
 
     gen = torch.empty((B, 0), dtype=torch.long, device=dev)
-    who, sig = [], []
+    who, lg = [], []
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
 
     def base_step(past):
@@ -353,8 +584,8 @@ def co_generate(base, head, tok, asst, base_prompts: list[str], asst_prompts: li
 
     b_logits, dlogit, b_past = base_step(None)
     for _ in range(max_new_tokens):
-        if random_prob is None:
-            defer = dlogit > cut
+        if cut is not None:
+            defer = _defer(dlogit, cut)
         else:
             defer = (torch.rand(B, generator=rng) < rprob).to(dev)
         defer &= ~finished
@@ -363,19 +594,20 @@ def co_generate(base, head, tok, asst, base_prompts: list[str], asst_prompts: li
             token = torch.where(defer, asst_step().argmax(-1), token)
         token = torch.where(finished, torch.full_like(token, pad), token)
         who.append(defer)
-        sig.append(torch.sigmoid(dlogit))
+        lg.append(dlogit)
         gen = torch.cat([gen, token[:, None]], 1)
         finished |= torch.isin(token, eos_t)
         if finished.all():
             break
         b_logits, dlogit, b_past = base_step(b_past if base_cache else None)
 
-    who_t, sig_t, gen = torch.stack(who, 1).cpu(), torch.stack(sig, 1).cpu(), gen.cpu()
+    who_t, lg_t, gen = torch.stack(who, 1).cpu(), torch.stack(lg, 1).cpu(), gen.cpu()
     rows = []
     for b in range(B):
         seq = gen[b].tolist()
         n = next((j + 1 for j, t in enumerate(seq) if t in eos), len(seq))
-        rows.append({"token_ids": seq[:n], "who": who_t[b, :n].int().tolist(), "sigma": sig_t[b, :n].tolist(),
+        rows.append({"token_ids": seq[:n], "who": who_t[b, :n].int().tolist(), "logit": lg_t[b, :n].tolist(),
+                     "sigma": torch.sigmoid(lg_t[b, :n]).tolist(),
                      "finished": seq[n - 1] in eos if n else False,
                      "response": tok.decode(seq[:n], skip_special_tokens=True).strip()})
     stats.seconds += time.perf_counter() - t0
@@ -467,29 +699,33 @@ def prompts_for(tok, records, assistant_strategy: str = "base", templates: dict 
 def decode_grid(base, head, tok, asst, records, settings: list[dict], *, assistant_strategy: str = "base",
                 batch_size: int = 16, max_new_tokens: int = 128, seed: int = 0, progress: bool = True,
                 stats: DecodeStats | None = None) -> list[list[dict]]:
-    """Decode every record under every setting (``{"eta": η}`` or ``{"random_prob": p}``), with the
-    grid as a batch dimension: rows are (record, setting) pairs. Returns rows per setting, each
-    in record order with an ``id``."""
+    """Decode every record under every setting (``{"eta_logit": threshold}``: defer when the
+    deferral logit is above it, ±inf for never / always; or ``{"random_prob": p}``). Returns rows
+    per setting, each in record order with an ``id``.
+
+    Each batch holds one setting's rows, records in order, so a setting's generations depend only
+    on the setting, the records and ``batch_size``, never on which other settings are in the grid:
+    in bf16, batch shape and the assistant's chunked reads change rounding enough to flip greedy
+    tokens, and two settings that must agree (a threshold of −inf and the assistant alone) would
+    otherwise differ by where their rows fell."""
+    for k, s in enumerate(settings):
+        if len(s) != 1 or next(iter(s)) not in ("eta_logit", "random_prob"):
+            raise ValueError(f"decode_grid setting {k} is {s!r}; give exactly one of 'eta_logit' (a deferral-logit "
+                             "threshold) or 'random_prob'")
     from tqdm.auto import tqdm
 
     bp, ap = prompts_for(tok, records, assistant_strategy)
-    jobs = [(s, i) for s in range(len(settings)) for i in range(len(records))]
-    kinds = {("random_prob" in s) for s in settings}
-    out: list[list[dict | None]] = [[None] * len(records) for _ in settings]
-    bar = tqdm(total=len(jobs), desc="co-decoding", unit="row", disable=not progress)
-    for kind in kinds:  # learned and random settings go in separate batches
-        mine = [j for j in jobs if ("random_prob" in settings[j[0]]) == kind]
-        for c in range(0, len(mine), batch_size):
-            chunk = mine[c:c + batch_size]
-            key = "random_prob" if kind else "eta"
-            rows = co_generate(base, head, tok, asst, [bp[i] for _, i in chunk], [ap[i] for _, i in chunk],
-                               **{key: [float(settings[s][key]) for s, _ in chunk]}, seed=seed + c,
-                               max_new_tokens=max_new_tokens, stats=stats)
-            for (s, i), row in zip(chunk, rows):
-                out[s][i] = {"id": records[i].id, **row}
-            bar.update(len(chunk))
+    out: list[list[dict]] = [[] for _ in settings]
+    bar = tqdm(total=len(settings) * len(records), desc="co-decoding", unit="row", disable=not progress)
+    for s, setting in enumerate(settings):
+        (key, value), = setting.items()
+        for c in range(0, len(records), batch_size):
+            rows = co_generate(base, head, tok, asst, bp[c:c + batch_size], ap[c:c + batch_size],
+                               **{key: float(value)}, seed=seed + c, max_new_tokens=max_new_tokens, stats=stats)
+            out[s] += [{"id": r.id, **row} for r, row in zip(records[c:c + batch_size], rows)]
+            bar.update(len(rows))
     bar.close()
-    return out  # type: ignore[return-value]
+    return out
 
 
 def as_responses(rows: list[dict]):

@@ -93,7 +93,8 @@ def deferral_curve(learned: pd.DataFrame, random: pd.DataFrame | None = None, ch
     if random is not None:
         ax.plot(100 * random["deferral"], 100 * random["accuracy"], "s--", color="#8C8C8C", label="random deferral")
     if chosen is not None:
-        label = (f"chosen η = σ({chosen['eta_logit']:.2f})" if "eta_logit" in chosen else f"chosen η = {chosen['eta']:.3f}")
+        label = (f"chosen: defer when logit > {chosen['eta_logit']:.2f}" if "eta_logit" in chosen
+                 else f"chosen η = {chosen['eta']:.3f}")
         ax.plot([100 * chosen["deferral"]], [100 * chosen["accuracy"]], "*", ms=16, color="#C44E52", label=label)
     ax.set_xlabel("tokens written by the assistant (%)")
     ax.set_ylabel("accuracy (%)")
@@ -156,6 +157,70 @@ def deferral_breakdown(by_kind: pd.DataFrame, by_position: pd.DataFrame, path: s
     b.set_title("by position in the solution")
     b.set_xlabel("relative position")
     b.tick_params(axis="x", rotation=45)
+    fig.suptitle(title)
+    fig.tight_layout()
+    if path is not None:
+        save(fig, path)
+    return fig
+
+
+def reliability(tables: dict[str, pd.DataFrame], path: str | Path | None = None,
+                title: str = "Calibration of the deferral probability σ (validation)"):
+    """Reliability diagram of deferral heads: per bin of predicted σ, the mean σ against the mean
+    posterior responsibility of the assistant, r_t = σ·p_asst / ((1 − σ)·p_base + σ·p_asst) (what σ
+    should match under the marginal-likelihood objective: its stationary points satisfy
+    Σ_t (r_t − σ_t)·∂logit_t = 0), with the diagonal; below, tokens per bin (log scale). The
+    weak-label rate (target is the assistant's top-1, not the base's) is drawn dotted for
+    reference. Frames come from ``collm.calibration_table``, keyed by head name."""
+    fig, (a, b) = plt.subplots(2, 1, figsize=(5.6, 6.2), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    a.plot([0, 1], [0, 1], ":", color="#8C8C8C", lw=1, label="perfect calibration")
+    m = max(len(tables), 1)
+    for k, (name, t) in enumerate(tables.items()):
+        colour = f"C{k}"
+        a.plot(t["mean sigma"], t["responsibility"], "o-", color=colour, label=f"{name}: responsibility")
+        if "weak label rate" in t:
+            a.plot(t["mean sigma"], t["weak label rate"], "x:", color=colour, alpha=0.6, label=f"{name}: weak label")
+        w = 0.9 * (t["bin high"] - t["bin low"]) / m  # bars of the heads side by side in each bin
+        b.bar(t["bin low"] + 0.05 * (t["bin high"] - t["bin low"]) + (k + 0.5) * w, t["tokens"], width=w,
+              color=colour, alpha=0.7, label=name)
+    a.set_xlim(0, 1)
+    a.set_ylim(-0.02, 1.02)
+    a.set_ylabel("empirical rate")
+    a.set_title(title)
+    a.legend(fontsize=7, loc="upper left")
+    b.set_yscale("log")
+    b.set_xlabel("predicted σ (bin mean)")
+    b.set_ylabel("tokens")
+    fig.tight_layout()
+    if path is not None:
+        save(fig, path)
+    return fig
+
+
+def head_training(curves: dict[str, dict], references: dict[str, float] | None = None, path: str | Path | None = None,
+                  title: str = "Deferral head training"):
+    """One panel per training phase: training loss and validation criterion per epoch (epoch 0:
+    before training), the kept (best) epoch marked; ``references`` (e.g. the validation NLL of
+    always-base / always-assistant) drawn as horizontal lines on the marginal-NLL panel."""
+    fig, axes = plt.subplots(1, len(curves), figsize=(5.2 * len(curves), 3.6), squeeze=False)
+    for ax, (name, h) in zip(axes[0], curves.items()):
+        ax.plot(range(1, len(h["train"]) + 1), h["train"], "-", lw=1.2, label="train (epoch mean)")
+        if h.get("validation"):
+            xs = [0] + list(range(1, len(h["validation"]) + 1))
+            ax.plot(xs, [h["validation_before"]] + list(h["validation"]), "o-", ms=3, color="#C44E52",
+                    label="validation")
+            best = h.get("best_epoch")
+            if best is not None:
+                ax.axvline(best, ls="--", color="#C44E52", lw=0.8)
+                ax.annotate(f"kept: epoch {best}", (best, h["validation_best"]), textcoords="offset points",
+                            xytext=(4, 6), fontsize=8, color="#C44E52")
+        if references and "nll" in name.lower():
+            for k, (label, v) in enumerate(references.items()):
+                ax.axhline(v, ls=":", lw=1, color=("#55A868", "#8172B2", "#937860", "#8C8C8C")[k % 4],
+                           label=f"{label} (validation)")
+        ax.set_xlabel("epoch")
+        ax.set_title(name)
+        ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     if path is not None:

@@ -258,9 +258,16 @@ PARAMS: dict[str, Setting] = {s.name: s for s in [
     _s("assistant_strategy", Text(what="a strategy name"), "the prompt the assistant sees", read_by=("04",)),
     _s("collm_train_base", Flag(), "train LoRA on the base jointly with the head (false: the head alone)",
        read_by=("04",)),
-    _s("collm_init_epochs", _SIZE, "weak-supervision epochs of the head", read_by=("04",)),
+    _s("collm_init_epochs", _SIZE, "weak-supervision epochs of the head (most; early stopping may end sooner)",
+       read_by=("04",)),
     _s("collm_epochs", _SIZE, "marginal-likelihood epochs (most; early stopping may end sooner)", read_by=("04",)),
-    _s("collm_lr", Num(float, 0, lo_open=True), "learning rate of the head", read_by=("04",)),
+    _s("collm_lr", Num(float, 0, lo_open=True),
+       "Adam learning rate of the deferral head (with collm_train_base: ×0.1 for LoRA and head)", read_by=("04",)),
+    _s("collm_weight_decay", Num(float, 0),
+       "L2 penalty weight_decay/2·‖θ‖² on the deferral head (0: none); keeps its logits finite where the "
+       "assistant is always better", read_by=("04",)),
+    _s("collm_patience", _SIZE, "epochs without a better validation loss before head training stops; the best "
+       "epoch's weights are kept (null: run every epoch, still keep the best)", optional=True, read_by=("04",)),
     _s("deferral_grid", ListOf(Num(float, 0, 1), 1), "target deferral frequencies searched on validation",
        read_by=("04",)),
     _s("collm_n_validation", _SIZE, "validation problems decoded to choose η (null: all)", optional=True,

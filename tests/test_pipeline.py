@@ -78,10 +78,12 @@ def test_smoke_profile_end_to_end(tmp_path):
     # a second run of the same profile reuses every finished stage
     assert pipeline.run_profile("smoke", root=root) == []
     # a filled-in overrides file is an input of the assessment: only that stage runs again
-    review = (logs / "manual_review.csv").read_text().splitlines()
-    header = review[0].split(",")
-    assert header[-1] == "answer"
-    (logs / "overrides.csv").write_text(review[0] + "\n" + review[1] + "-1\n")
+    import pandas as pd
+
+    review = pd.read_csv(logs / "manual_review.csv", dtype=str, keep_default_na=False)
+    assert list(review.columns)[-1] == "answer" and len(review) >= 1
+    review.loc[review.index[0], "answer"] = "-1"
+    review.iloc[:1].to_csv(logs / "overrides.csv", index=False)
     assert pipeline.run_profile("smoke", root=root) == ["03_assess"]
     assert "1 manual override(s) applied" in (logs / "accuracy.md").read_text()
     # a changed variant retrains that variant only, and the assessment follows
