@@ -98,7 +98,10 @@ def test_failing_stage_names_notebook_and_cell(tmp_path, capsys):
     code = pipeline.main(["--profile", "smoke", "--root", str(tmp_path), "--set", f"teacher={missing}"])
     err = capsys.readouterr().err
     assert code == 1
-    assert err.count("\n") == 1 and err.startswith("error: stage '01_teacher_logits' failed in cell")
+    errors = [line for line in err.split("\n") if "error:" in line]  # (papermill's progress bar shares stderr)
+    assert len(errors) == 1 and err.endswith(errors[0] + "\n")
+    err = errors[0][errors[0].index("error:"):]
+    assert err.startswith("error: stage '01_teacher_logits' failed in cell")
     assert f"could not load model '{missing}'" in err
     failed = tmp_path / "results" / "smoke" / "notebooks" / "01_teacher_logits.failed.ipynb"
     assert failed.is_file() and f"[traceback in {failed}]" in err
