@@ -141,14 +141,27 @@ class Text:
 
 
 @dataclass(frozen=True)
-class Flag:
+class Kind:
+    """A value of one Python type: a flag, or a mapping that a function of its own checks further
+    (variant rows, templates, experiments)."""
+    python: type
+    what: str
+
     def describe(self) -> str:
-        return "true or false"
+        return self.what
 
     def coerce(self, v: Any) -> Any:
-        if not isinstance(v, bool):
+        if not isinstance(v, self.python):
             raise TypeError
         return v
+
+
+def Flag() -> Kind:  # noqa: N802
+    return Kind(bool, "true or false")
+
+
+def Mapping(what: str) -> Kind:  # noqa: N802
+    return Kind(dict, what)
 
 
 @dataclass(frozen=True)
@@ -165,20 +178,6 @@ class ListOf:
         if len(v) < self.min_len:
             raise ValueError
         return [self.item.coerce(x) for x in v]
-
-
-@dataclass(frozen=True)
-class Mapping:
-    """A mapping, checked by a function of its own (variant rows, templates, ...)."""
-    what: str
-
-    def describe(self) -> str:
-        return self.what
-
-    def coerce(self, v: Any) -> Any:
-        if not isinstance(v, dict):
-            raise TypeError
-        return v
 
 
 @dataclass(frozen=True)
