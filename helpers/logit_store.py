@@ -38,7 +38,7 @@ from typing import Callable
 
 import numpy as np
 
-from .artifacts import atomic_path, file_record, read_manifest
+from .artifacts import atomic_path, file_problem, file_record, read_manifest
 
 FIELDS = ("token_ids", "topk_ids", "topk_logprobs", "token_logprobs", "tail_logprobs")
 STORE_FORMAT = 2  # 2: per-token tail_logprobs and per-shard size + sha256 in the manifest
@@ -127,8 +127,9 @@ class LogitStore:
             record = self._records.get(p.name)
             if record is None:
                 raise damaged(p, "no size and digest recorded in the manifest")
-            if p.stat().st_size != record["size"]:
-                raise damaged(p, f"{p.stat().st_size} bytes, {record['size']} recorded")
+            problem = file_problem(p, record, digest=False)  # size now, digest when first loaded
+            if problem:
+                raise damaged(p, problem)
             index = self._read_index(p)
             self._index.append(index)
             for j, row in enumerate(index):
@@ -168,7 +169,7 @@ class LogitStore:
             p = self.path / shard_name(s)
             data = p.read_bytes()
             if hashlib.sha256(data).hexdigest() != self._records[p.name]["sha256"]:
-                raise damaged(p, "its sha256 differs from the one recorded")
+                raise damaged(p, "its bytes differ from those written (corrupted)")
             try:
                 arrays = load(data)
             except Exception as e:

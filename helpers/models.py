@@ -166,7 +166,7 @@ def _load_error(name: str, err: Exception) -> ValueError:
     offline = " (HF_HUB_OFFLINE is set, so the hub is not asked)" if os.environ.get("HF_HUB_OFFLINE") else ""
     return ValueError(
         f"could not load model {name!r}: {hint}, not an embedded model ({', '.join(EMBEDDED)}), "
-        f"and not found on the hub{offline}. Underlying error: {type(err).__name__}: {err}")
+        f"and not found on the hub{offline}. Underlying error: {type(err).__name__}: {' '.join(str(err).split())}")
 
 
 def load_tokenizer(name_or_path: str):
