@@ -61,7 +61,7 @@ def iter_jsonl(path: str | os.PathLike, expected: str = "a JSON object") -> Iter
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}): "
                                  f"{line.rstrip(chr(10))!r}") from None

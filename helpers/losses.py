@@ -95,9 +95,43 @@ def _fold_student(z: torch.Tensor, topk_ids: torch.Tensor, lse1: torch.Tensor, T
         # the ids cover the vocabulary: the tail is empty (a constant, so no gradient flows into it)
         tail = at_k.new_full(at_k.shape[:-1], _NEG_INF)
     else:
-        outside = z.scatter(-1, ids, _NEG_INF)  # a copy with the top-k ids removed
-        tail = torch.logsumexp(outside, dim=-1) - lse1
+        tail = outside_logsumexp(z, ids) - lse1
     return torch.log_softmax(torch.cat([at_k, tail.unsqueeze(-1)], dim=-1) / T, dim=-1)
+
+
+class _OutsideLogSumExp(torch.autograd.Function):
+    """log Σ_{j ∉ ids} exp(z_j) over the last axis, summed directly over the entries outside ``ids``
+    (never as a difference, which loses a small tail to rounding). One vocabulary-sized
+    temporary in the forward pass and one in the backward pass, none kept in between: the same
+    work as an autograd ``logsumexp`` of a masked copy without holding the copy."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        m = z.amax(dim=-1, keepdim=True)
+        e = (z - m).exp_()
+        e.scatter_(-1, ids, 0.0)
+        total = e.sum(dim=-1)
+        del e
+        out = m.squeeze(-1) + total.log()
+        # where every outside entry is ~90 nats below the largest logit the shifted sum underflows:
+        # recompute those rows shifted by their own outside maximum
+        weak = total < 1e-30
+        if weak.any():
+            out[weak] = torch.logsumexp(z[weak].scatter(-1, ids[weak], _NEG_INF), dim=-1)
+        ctx.save_for_backward(z, ids, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        z, ids, out = ctx.saved_tensors
+        grad = (z - out.unsqueeze(-1)).exp_()  # ≤ 1 outside ids; the ids' entries are zeroed next
+        grad.scatter_(-1, ids, 0.0)
+        return grad.mul_(grad_out.unsqueeze(-1)), None
+
+
+def outside_logsumexp(z: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The log-sum-exp of ``z`` over the entries not in ``ids`` (last axis), exact and differentiable."""
+    return _OutsideLogSumExp.apply(z, ids.long())
 
 
 def fold_student(student_logits: torch.Tensor, topk_ids: torch.Tensor, T: float = 1.0,

@@ -215,3 +215,20 @@ def test_errors():
     with pytest.raises(ValueError, match="0 < beta < 1"):
         losses.jsd(z, torch.zeros(1, 1, 2), torch.zeros(1, 1, 2), torch.ones(1, 1), beta=1.0)
     assert math.isnan(losses.kd_loss("ce", z, torch.zeros(1, 1), torch.ones(1, 1))[1]["kd"])
+
+
+def test_outside_logsumexp_matches_a_masked_reference_and_its_gradient():
+    """The student's tail: summed over the entries outside the ids, also where every outside entry
+    is far below the largest logit (the shifted sum underflows there and is recomputed)."""
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(3, 5, 40, generator=g, dtype=torch.float64) * 3
+    ids = torch.stack([torch.randperm(40, generator=g)[:6] for _ in range(15)]).view(3, 5, 6)
+    z[0, 0, ids[0, 0, 0]] = 200.0  # outside entries ~200 nats below the maximum
+    ids[1, 1, 1] = ids[1, 1, 0]  # a repeated id (filler rows repeat id 0)
+    ref = torch.logsumexp(z.scatter(-1, ids, float("-inf")), -1)
+    got = losses.outside_logsumexp(z, ids)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x: losses.outside_logsumexp(x, ids), (z.clone().requires_grad_(True),))
+    # float32, as in training: the tail of a confident row keeps its relative precision
+    z32 = z.float().requires_grad_(True)
+    torch.testing.assert_close(losses.outside_logsumexp(z32, ids).double(), ref, rtol=0, atol=1e-5)
