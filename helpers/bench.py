@@ -11,6 +11,12 @@
 (d) Co-LLM cost: time per token of Co-LLM decoding (both models cached) at deferral rate r ÷
     (base-alone time per token + r · assistant-alone time per token)   target ≤ 1.15
     and its speed-up over re-reading the whole prefix at every deferral (reported)
+(e) fp32 ÷ bf16 time of plain generation and of one LoRA training step (on a CPU without
+    native bf16 fp32 is faster); target: ``dtype: auto`` picks the faster of the two (or they
+    are within 5 % of each other)
+
+``--quick`` measures everything on smaller batches with one repeat (a few minutes on a busy
+2-core machine); each figure is printed as soon as it is measured.
 
 Timings alternate the two sides and take medians, so drift on a busy machine hits both.
 Results are printed and written to ``logs/bench/`` (Markdown and JSON); the exit status is 1
@@ -111,6 +117,62 @@ def bench_kd_step(model, *, batch: int, length: int, k: int, repeats: int) -> di
             "kd_step_ratio": statistics.median(t_kd) / statistics.median(t_ce)}
 
 
+def _lora_ce_step(model, *, batch: int, length: int, seed: int = 0):
+    """A LoRA (q/k/v/o) cross-entropy training step on random tokens, as a callable; and undo."""
+    from peft import LoraConfig, get_peft_model
+
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.config.get_text_config().vocab_size
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, task_type="CAUSAL_LM",
+                                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    peft_model.train()
+    ids = torch.randint(0, vocab, (batch, length), generator=g).to(peft_model.device)
+    opt = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+
+    def step():
+        logits = peft_model(input_ids=ids).logits[:, :-1].float()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    return step, peft_model.unload
+
+
+def bench_dtypes(name: str, *, batch: int, tokens: int, train_batch: int, train_length: int, repeats: int) -> dict:
+    """fp32 ÷ bf16 time for plain generation (same prompts and token budget) and for one LoRA
+    cross-entropy step, with the dtype ``auto`` picks on this device."""
+    from .models import load_model, pick_dtype, prompt_text
+    from .prompts import student_messages
+    from .teacher import generate_with_capture
+
+    m32, tok = load_model(name, dtype="fp32")
+    m16, _ = load_model(name, dtype="bf16")
+    prompts = [prompt_text(tok, student_messages(QUESTIONS[i % len(QUESTIONS)])) for i in range(batch)]
+    gen = {}
+
+    def generate(model, key):
+        gen[key] = sum(len(r["token_ids"]) for r in generate_with_capture(model, tok, prompts, max_new_tokens=tokens,
+                                                                          capture=False))
+
+    g32, g16 = _alternate(lambda: generate(m32, "fp32"), lambda: generate(m16, "bf16"), repeats)
+    (s32, undo32), (s16, undo16) = (_lora_ce_step(m, batch=train_batch, length=train_length) for m in (m32, m16))
+    t32, t16 = _alternate(s32, s16, repeats)
+    undo32(), undo16()
+    auto = pick_dtype("auto", str(m32.device))
+    out = {"fp32_generate_s": statistics.median(g32), "bf16_generate_s": statistics.median(g16),
+           "fp32_generate_tokens": gen["fp32"], "bf16_generate_tokens": gen["bf16"],
+           "fp32_train_step_s": statistics.median(t32), "bf16_train_step_s": statistics.median(t16),
+           "auto_dtype": {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(auto, str(auto))}
+    # per token: greedy fp32 and bf16 may stop at different lengths
+    out["fp32_bf16_generate_ratio"] = (out["fp32_generate_s"] / max(gen["fp32"], 1)) / (out["bf16_generate_s"] / max(gen["bf16"], 1))
+    out["fp32_bf16_train_ratio"] = out["fp32_train_step_s"] / out["bf16_train_step_s"]
+    both = math.sqrt(out["fp32_bf16_generate_ratio"] * out["fp32_bf16_train_ratio"])  # > 1: bf16 is faster
+    out["faster_dtype"] = "bf16" if both > 1 else "fp32"
+    out["auto_picks_faster"] = out["auto_dtype"] == out["faster_dtype"] or abs(math.log(both)) < math.log(1.05)
+    return out
+
+
 def bench_store(rows: list[dict], k: int) -> dict:
     import struct
 
@@ -186,37 +248,72 @@ def bench_collm(model, tok, *, tokens: int, rate: float, repeats: int, prompts: 
             "collm_cost_ratio": med["co"] / bound, "collm_reread_speedup": med["reread"] / med["co"]}
 
 
+QUICK = {"batch": 4, "tokens": 24, "train_batch": 2, "train_length": 96, "repeats": 1, "collm_tokens": 16}
+FULL = {"batch": 16, "tokens": 64, "train_batch": 4, "train_length": 256, "repeats": 3, "collm_tokens": 48}
+
+
 def main(argv: list[str] | None = None) -> int:
+    from tqdm.auto import tqdm
+
     ap = argparse.ArgumentParser(prog="python -m helpers.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct", help="hub id, path or embedded name")
-    ap.add_argument("--batch", type=int, default=16, help="prompts per generation batch (default 16)")
-    ap.add_argument("--tokens", type=int, default=64, help="new tokens per prompt (default 64)")
+    ap.add_argument("--quick", action="store_true", help="smaller batches, one repeat: minutes on a busy CPU "
+                                                         "(default output logs/bench/quick)")
+    ap.add_argument("--batch", type=int, help="prompts per generation batch (default 16; quick 4)")
+    ap.add_argument("--tokens", type=int, help="new tokens per prompt (default 64; quick 24)")
     ap.add_argument("--k", type=int, default=64, help="top-k kept per position (default 64)")
-    ap.add_argument("--train-batch", type=int, default=4)
-    ap.add_argument("--train-length", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--train-batch", type=int, help="training batch (default 4; quick 2)")
+    ap.add_argument("--train-length", type=int, help="training sequence length (default 256; quick 96)")
+    ap.add_argument("--repeats", type=int, help="timed repeats per side (default 3; quick 1)")
     ap.add_argument("--collm-rate", type=float, default=0.2, help="deferral rate of the Co-LLM entry (default 0.2)")
-    ap.add_argument("--collm-tokens", type=int, default=48, help="new tokens per prompt in the Co-LLM entry")
+    ap.add_argument("--collm-tokens", type=int, help="new tokens per prompt in the Co-LLM entry (default 48; quick 16)")
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--out", default="logs/bench", help="folder for bench.md and bench.json")
+    ap.add_argument("--skip-dtypes", action="store_true", help="leave out the fp32 ÷ bf16 entry (e)")
+    ap.add_argument("--out", default=None, help="folder for bench.md and bench.json (default logs/bench)")
     args = ap.parse_args(argv)
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.out = args.out or ("logs/bench/quick" if args.quick else "logs/bench")
 
     from .models import load_model
 
     torch.manual_seed(0)
+    phases = ["load", "(a) capture", "(b) KD step", "(d) Co-LLM", "(c) store"] + ([] if args.skip_dtypes else ["(e) fp32 ÷ bf16"])
+    bar = tqdm(total=len(phases), desc="benchmark", unit="figure")
+
+    def done(line: str) -> None:
+        bar.write(line)
+        bar.update(1)
+
+    bar.set_postfix_str(phases[0])
     model, tok = load_model(args.model, dtype=args.dtype)
-    print(f"model {args.model} on {model.device} ({model.dtype}); torch threads {torch.get_num_threads()}", flush=True)
+    loaded = {"device": str(model.device), "dtype": str(model.dtype)}
+    done(f"model {args.model} on {model.device} ({model.dtype}); torch threads {torch.get_num_threads()}")
+    bar.set_postfix_str(phases[1])
     cap = bench_capture(model, tok, batch=args.batch, tokens=args.tokens, k=args.k, repeats=args.repeats)
-    print(f"(a) capture {cap['capture_s']:.2f} s / plain {cap['plain_s']:.2f} s = {cap['capture_ratio']:.3f}", flush=True)
+    done(f"(a) capture {cap['capture_s']:.2f} s / plain {cap['plain_s']:.2f} s = {cap['capture_ratio']:.3f}")
+    bar.set_postfix_str(phases[2])
     kd = bench_kd_step(model, batch=args.train_batch, length=args.train_length, k=args.k, repeats=args.repeats)
-    print(f"(b) KD step {kd['kd_step_s']:.2f} s / CE step {kd['ce_step_s']:.2f} s = {kd['kd_step_ratio']:.3f}", flush=True)
+    done(f"(b) KD step {kd['kd_step_s']:.2f} s / CE step {kd['ce_step_s']:.2f} s = {kd['kd_step_ratio']:.3f}")
+    bar.set_postfix_str(phases[3])
     co = bench_collm(model, tok, tokens=args.collm_tokens, rate=args.collm_rate, repeats=args.repeats)
-    print(f"(d) Co-LLM {1e3 * co['collm_s_per_token']:.1f} ms/token at rate {co['collm_rate']:.2f}; bound base "
-          f"{1e3 * co['collm_base_s_per_token']:.1f} + r·assistant {1e3 * co['collm_assistant_s_per_token']:.1f} ms/token: "
-          f"ratio {co['collm_cost_ratio']:.3f}; re-reading the prefix is {co['collm_reread_speedup']:.2f}× slower", flush=True)
+    done(f"(d) Co-LLM {1e3 * co['collm_s_per_token']:.1f} ms/token at rate {co['collm_rate']:.2f}; bound base "
+         f"{1e3 * co['collm_base_s_per_token']:.1f} + r·assistant {1e3 * co['collm_assistant_s_per_token']:.1f} ms/token: "
+         f"ratio {co['collm_cost_ratio']:.3f}; re-reading the prefix is {co['collm_reread_speedup']:.2f}× slower")
+    bar.set_postfix_str(phases[4])
     st = bench_store(cap.pop("rows"), args.k)
-    print(f"(c) store {st['bytes_per_token']:.1f} bytes/token (arrays {st['array_bytes_per_token']}, "
-          f"target ≤ {st['bytes_per_token_target']})", flush=True)
+    done(f"(c) store {st['bytes_per_token']:.1f} bytes/token (arrays {st['array_bytes_per_token']}, "
+         f"target ≤ {st['bytes_per_token_target']})")
+    dt = {}
+    if not args.skip_dtypes:
+        del model
+        bar.set_postfix_str(phases[5])
+        dt = bench_dtypes(args.model, batch=args.batch, tokens=args.tokens, train_batch=args.train_batch,
+                          train_length=args.train_length, repeats=args.repeats)
+        done(f"(e) fp32 ÷ bf16: generation {dt['fp32_bf16_generate_ratio']:.3f} per token, training step "
+             f"{dt['fp32_bf16_train_ratio']:.3f}; faster here: {dt['faster_dtype']}; auto picks {dt['auto_dtype']}")
+    bar.close()
 
     checks = {
         "capture_ratio": (cap["capture_ratio"], f"≤ {TARGETS['capture_ratio']}", cap["capture_ratio"] <= TARGETS["capture_ratio"] and cap["same_tokens"]),
@@ -225,7 +322,12 @@ def main(argv: list[str] | None = None) -> int:
         "collm_cost_ratio": (co["collm_cost_ratio"], f"≤ {TARGETS['collm_cost_ratio']}", co["collm_cost_ratio"] <= TARGETS["collm_cost_ratio"]),
         "collm_reread_speedup": (co["collm_reread_speedup"], "reported", True),
     }
-    setup = {"model": args.model, "device": str(model.device), "dtype": str(model.dtype), "batch": args.batch,
+    if dt:
+        checks["fp32_bf16_generate_ratio"] = (dt["fp32_bf16_generate_ratio"], "reported", True)
+        checks["fp32_bf16_train_ratio"] = (dt["fp32_bf16_train_ratio"], "reported", True)
+        checks["auto_picks_faster_dtype"] = (float(dt["auto_picks_faster"]), f"1 (auto = {dt['auto_dtype']}, "
+                                             f"faster = {dt['faster_dtype']})", dt["auto_picks_faster"])
+    setup = {"model": args.model, **loaded, "quick": args.quick, "batch": args.batch,
              "tokens": args.tokens, "k": args.k, "collm_rate": args.collm_rate, "collm_tokens": args.collm_tokens, "train_batch": args.train_batch, "train_length": args.train_length,
              "repeats": args.repeats, "torch": torch.__version__, "threads": torch.get_num_threads(),
              "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -238,10 +340,13 @@ def main(argv: list[str] | None = None) -> int:
               f"store arrays {st['array_bytes_per_token']} bytes/token; Co-LLM at deferral rate {co['collm_rate']:.3f}: "
               f"{1e3 * co['collm_s_per_token']:.2f} ms/token against base {1e3 * co['collm_base_s_per_token']:.2f} + "
               f"r × assistant {1e3 * co['collm_assistant_s_per_token']:.2f} ms/token; with re-reading "
-              f"{1e3 * co['collm_reread_s_per_token']:.2f} ms/token."]
+              f"{1e3 * co['collm_reread_s_per_token']:.2f} ms/token."
+              + (f" fp32 vs bf16: generation {dt['fp32_generate_s']:.3f} s ({dt['fp32_generate_tokens']} tokens) vs "
+                 f"{dt['bf16_generate_s']:.3f} s ({dt['bf16_generate_tokens']} tokens); training step "
+                 f"{dt['fp32_train_step_s']:.3f} s vs {dt['bf16_train_step_s']:.3f} s." if dt else "")]
     out = Path(args.out)
     write_text(out / "bench.md", "\n".join(lines) + "\n")
-    write_json(out / "bench.json", {"setup": setup, **cap, **kd, **st, **co,
+    write_json(out / "bench.json", {"setup": setup, **cap, **kd, **st, **co, **dt,
                                     "met": {name: ok for name, (_, _, ok) in checks.items()}})
     print("\n".join(lines[4:]))
     print(f"written to {out / 'bench.md'}")

@@ -1,5 +1,6 @@
 """The benchmark runs end to end on a tiny model and writes its figures (no timing asserted here)."""
 import json
+import math
 
 import pytest
 
@@ -24,8 +25,29 @@ def test_bench_writes_its_figures(tiny_dir, tmp_path):
     assert result["array_bytes_per_token"] == 6 * 8 + 12 == result["measured_array_bytes_per_token"]
     assert result["bytes_per_token"] > result["measured_array_bytes_per_token"]  # plus the header
     assert set(result["met"]) == {"capture_ratio", "kd_step_ratio", "bytes_per_token", "collm_cost_ratio",
-                                  "collm_reread_speedup"}
+                                  "collm_reread_speedup", "fp32_bf16_generate_ratio", "fp32_bf16_train_ratio",
+                                  "auto_picks_faster_dtype"}
+    # fp32 ÷ bf16: per generated token for generation, per step for training; auto's choice is stated
+    per_token = lambda d: result[f"{d}_generate_s"] / result[f"{d}_generate_tokens"]  # noqa: E731
+    assert result["fp32_bf16_generate_ratio"] == pytest.approx(per_token("fp32") / per_token("bf16"), rel=1e-12)
+    assert result["fp32_bf16_train_ratio"] == pytest.approx(result["fp32_train_step_s"] / result["bf16_train_step_s"],
+                                                            rel=1e-12)
+    faster = "bf16" if result["fp32_bf16_generate_ratio"] * result["fp32_bf16_train_ratio"] > 1 else "fp32"
+    assert result["faster_dtype"] == faster and result["auto_dtype"] in ("fp32", "bf16")
+    assert result["met"]["auto_picks_faster_dtype"] == (result["auto_dtype"] == faster or abs(
+        math.log(result["fp32_bf16_generate_ratio"] * result["fp32_bf16_train_ratio"]) / 2) < math.log(1.05))
     assert 0 < result["collm_rate"] < 1
     md = (tmp_path / "bench.md").read_text()
     assert "| capture_ratio |" in md and "| kd_step_ratio |" in md and "| bytes_per_token |" in md
-    assert "| collm_cost_ratio |" in md
+    assert "| collm_cost_ratio |" in md and "| fp32_bf16_train_ratio |" in md
+
+
+def test_bench_quick_fills_in_small_settings_and_prints_as_it_goes(tiny_dir, tmp_path, capsys):
+    bench.main(["--model", tiny_dir, "--quick", "--k", "8", "--dtype", "fp32", "--skip-dtypes",
+                "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert {k: result["setup"][k] for k in bench.QUICK} == bench.QUICK and result["setup"]["quick"] is True
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("(")]
+    assert [line[:3] for line in lines[:4]] == ["(a)", "(b)", "(d)", "(c)"]  # each figure as it is measured
+    assert "fp32_bf16_train_ratio" not in result

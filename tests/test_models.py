@@ -11,9 +11,19 @@ def test_load_by_path_is_ready_for_batched_generation(tiny_dir):
     assert model.generation_config.pad_token_id == tok.pad_token_id
 
 
-def test_default_dtype_is_bf16_on_cpu(tiny_dir):
+def test_auto_dtype_on_cpu_follows_native_bf16(tiny_dir, monkeypatch):
+    """bf16 only where the CPU computes it in hardware; emulated bf16 is slower than fp32."""
+    assert models.cpu_bf16_native({"avx2", "avx512f", "avx512_bf16"})
+    assert models.cpu_bf16_native({"avx2", "amx_bf16", "amx_tile"})
+    assert models.cpu_bf16_native({"fp", "asimd", "bf16"})  # Arm (Graviton 3, recent Apple)
+    assert not models.cpu_bf16_native({"avx2", "avx512f", "fma"})  # AVX2/AVX-512 without BF16
+    monkeypatch.setattr(models, "_cpu_flags", lambda: {"avx2", "fma"})
+    assert models.pick_dtype("auto", "cpu") == torch.float32
     model, _ = models.load_model(tiny_dir, device="cpu")
-    assert model.dtype == torch.bfloat16
+    assert model.dtype == torch.float32
+    monkeypatch.setattr(models, "_cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    assert models.pick_dtype("auto", "cpu") == torch.bfloat16
+    assert models.load_model(tiny_dir, device="cpu")[0].dtype == torch.bfloat16
     assert models.pick_dtype("fp16") == torch.float16
     with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
         models.pick_dtype("fp8")
