@@ -84,7 +84,7 @@ def fold_teacher(topk_logprobs: torch.Tensor, T: float = 1.0, tail_logprobs: tor
 
 
 def _fold_student(z: torch.Tensor, topk_ids: torch.Tensor, lse1: torch.Tensor, T: float,
-                  at_k: torch.Tensor | None = None) -> torch.Tensor:
+                  at_k: torch.Tensor | None = None, outside: torch.Tensor | None = None) -> torch.Tensor:
     """Student fold from float logits ``z``, their T = 1 log-sum-exp ``lse1`` and (optionally)
     the logits already gathered at ``topk_ids``."""
     ids = topk_ids.long()
@@ -95,7 +95,7 @@ def _fold_student(z: torch.Tensor, topk_ids: torch.Tensor, lse1: torch.Tensor, T
         # the ids cover the vocabulary: the tail is empty (a constant, so no gradient flows into it)
         tail = at_k.new_full(at_k.shape[:-1], _NEG_INF)
     else:
-        tail = outside_logsumexp(z, ids) - lse1
+        tail = (outside_logsumexp(z, ids) if outside is None else outside) - lse1
     return torch.log_softmax(torch.cat([at_k, tail.unsqueeze(-1)], dim=-1) / T, dim=-1)
 
 
@@ -127,6 +127,52 @@ class _OutsideLogSumExp(torch.autograd.Function):
         grad = (z - out.unsqueeze(-1)).exp_()  # ≤ 1 outside ids; the ids' entries are zeroed next
         grad.scatter_(-1, ids, 0.0)
         return grad.mul_(grad_out.unsqueeze(-1)), None
+
+
+class _LogSumExpInsideOut(torch.autograd.Function):
+    """Both log-sum-exps a KD step needs, from one pass over the vocabulary: over all of ``z``
+    (the T = 1 normaliser) and over the entries outside ``ids`` (the student's tail).
+
+    Backward: the gradient of both is one dense term, softmax(z)·(g_all + g_out·e^(lse − out))
+    outside the ids and softmax(z)·g_all at them, so it costs what the backward of a single
+    ``logsumexp`` costs (rows whose tail is ~80 nats below the total, where e^(lse − out) would
+    overflow, take the two terms separately)."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, ids: torch.Tensor):
+        m = z.amax(dim=-1, keepdim=True)
+        e = (z - m).exp_()
+        total = e.sum(dim=-1)
+        e.scatter_(-1, ids, 0.0)
+        outside = e.sum(dim=-1)
+        del e
+        m = m.squeeze(-1)
+        lse, out = m + total.log(), m + outside.log()
+        weak = outside < 1e-30  # the shifted tail underflowed: recompute shifted by its own maximum
+        if weak.any():
+            out[weak] = torch.logsumexp(z[weak].scatter(-1, ids[weak], _NEG_INF), dim=-1)
+        ctx.save_for_backward(z, ids, lse, out)
+        return lse, out
+
+    @staticmethod
+    def backward(ctx, g_lse: torch.Tensor, g_out: torch.Tensor):
+        z, ids, lse, out = ctx.saved_tensors
+        p = (z - lse.unsqueeze(-1)).exp_()
+        at_ids = p.gather(-1, ids) * g_lse.unsqueeze(-1)
+        gap = lse - out
+        near = gap < 80.0
+        scale = g_lse + torch.where(near, g_out * torch.exp(gap.clamp(max=80.0)), torch.zeros_like(g_out))
+        grad = p.mul_(scale.unsqueeze(-1))
+        if not near.all():
+            far = ~near
+            extra = (z[far] - out[far].unsqueeze(-1)).exp_().mul_(g_out[far].unsqueeze(-1))
+            grad[far] += extra
+        return grad.scatter_(-1, ids, at_ids), None
+
+
+def logsumexp_inside_out(z: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logsumexp(z), log-sum-exp of z outside ids)`` over the last axis, in one pass, differentiable."""
+    return _LogSumExpInsideOut.apply(z, ids.long())
 
 
 def outside_logsumexp(z: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -226,16 +272,20 @@ def kd_loss(kind: str, student_logits, target_ids, mask, topk_ids=None, topk_log
     if kind not in KINDS:
         raise ValueError(f"unknown loss kind {kind!r}; choose one of {', '.join(KINDS)}")
     z = student_logits.float()
-    lse1 = torch.logsumexp(z, dim=-1)
     if kind == "ce" or alpha == 0.0:
-        ce = cross_entropy(z, target_ids, mask, _lse=lse1)
+        ce = cross_entropy(z, target_ids, mask)
         return ce, {"ce": ce.item(), "kd": float("nan")}
     if topk_ids is None or topk_logprobs is None:
         raise ValueError(f"loss {kind!r} needs the teacher's top-k ids and log-probs")
+    outside = None
+    if topk_ids.shape[-1] < z.shape[-1]:
+        lse1, outside = logsumexp_inside_out(z, topk_ids)
+    else:
+        lse1 = torch.logsumexp(z, dim=-1)
     # one gather for the target and the teacher's k ids (one sparse backward instead of two)
     picked = z.gather(-1, torch.cat([target_ids.long().unsqueeze(-1), topk_ids.long()], dim=-1))
     ce = _masked_mean(lse1 - picked[..., 0], mask)
-    lq = _fold_student(z, topk_ids, lse1, T, at_k=picked[..., 1:])
+    lq = _fold_student(z, topk_ids, lse1, T, at_k=picked[..., 1:], outside=outside)
     lp = fold_teacher(topk_logprobs, T, tail_logprobs, vocab_size=z.shape[-1])
     kd = _masked_mean(_divergence(kind, lp, lq, beta), mask)
     loss = alpha * T * T * kd + (1 - alpha) * ce

@@ -232,3 +232,18 @@ def test_outside_logsumexp_matches_a_masked_reference_and_its_gradient():
     # float32, as in training: the tail of a confident row keeps its relative precision
     z32 = z.float().requires_grad_(True)
     torch.testing.assert_close(losses.outside_logsumexp(z32, ids).double(), ref, rtol=0, atol=1e-5)
+
+
+def test_inside_out_logsumexp_matches_both_references_and_their_gradients():
+    """The fused normaliser and tail of a KD step, including rows whose tail is far below the total."""
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(2, 6, 50, generator=g, dtype=torch.float64) * 3
+    ids = torch.stack([torch.randperm(50, generator=g)[:7] for _ in range(12)]).view(2, 6, 7)
+    z[0, 0, ids[0, 0, 0]] = 150.0  # tail ~150 nats below the total: the far-row path
+    z[1, 2, ids[1, 2, 3]] = 60.0   # ~60 nats below: the fused path
+    lse, out = losses.logsumexp_inside_out(z, ids)
+    torch.testing.assert_close(lse, torch.logsumexp(z, -1), rtol=0, atol=1e-12)
+    torch.testing.assert_close(out, torch.logsumexp(z.scatter(-1, ids, float("-inf")), -1), rtol=0, atol=1e-12)
+    w = torch.randn(2, 2, 6, generator=g, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: sum((t * wi).sum() for t, wi in zip(losses.logsumexp_inside_out(x, ids), w)),
+                                    (z.clone().requires_grad_(True),))
