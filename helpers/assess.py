@@ -280,6 +280,58 @@ def accuracy_table(scored: dict[str, pd.DataFrame]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def mcnemar_exact(only_this: int, only_control: int) -> float:
+    """Two-sided exact McNemar p-value from the discordant pairs: under "no difference" each of
+    the b + c questions that exactly one of the two models gets right is equally likely to
+    favour either, so min(b, c) is Binomial(b + c, 1/2) in its lower tail."""
+    n = only_this + only_control
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(only_this, only_control) + 1)) / 2 ** n
+    return min(1.0, 2.0 * tail)
+
+
+PAIR_COLUMNS = ["Experiment", "Control", "n", "Both right", "Only this right", "Only control right",
+                "Difference", "McNemar p"]
+
+
+def paired_comparisons(scored: dict[str, pd.DataFrame], controls) -> pd.DataFrame:
+    """Each row against each control on the same questions (joined by id): the paired difference
+    in accuracy, (only this right − only the control right) / n, with the exact McNemar p-value.
+    Controls missing from ``scored`` are left out."""
+    rows = []
+    for control in [c for c in controls if c in scored]:
+        ref = scored[control].set_index("id")["correct"].astype(bool)
+        for name, df in scored.items():
+            if name == control:
+                continue
+            mine = df.set_index("id")["correct"].astype(bool)
+            ids = mine.index.intersection(ref.index)
+            a, r = mine[ids], ref[ids]
+            b, c = int((a & ~r).sum()), int((~a & r).sum())
+            rows.append({"Experiment": name, "Control": control, "n": len(ids), "Both right": int((a & r).sum()),
+                         "Only this right": b, "Only control right": c,
+                         "Difference": (b - c) / len(ids) if len(ids) else float("nan"),
+                         "McNemar p": mcnemar_exact(b, c)})
+    return pd.DataFrame(rows, columns=PAIR_COLUMNS)
+
+
+def pairs_markdown(pairs: pd.DataFrame) -> str:
+    """The paired comparisons as a Markdown section (empty when there are none)."""
+    if pairs.empty:
+        return ""
+    lines = ["## Paired comparisons", "",
+             "Each row against a control on the same questions: the difference in accuracy (percentage points) "
+             "comes only from the questions exactly one of the two gets right; p is the exact two-sided McNemar "
+             "test of those discordant pairs.", "",
+             "| Experiment | vs | n | both right | only this right | only control right | difference | McNemar p |",
+             "|---|---|---|---|---|---|---|---|"]
+    for _, r in pairs.iterrows():
+        lines.append(f"| {r['Experiment']} | {r['Control']} | {r['n']} | {r['Both right']} | {r['Only this right']} | "
+                     f"{r['Only control right']} | {100 * r['Difference']:+.1f} pp | {r['McNemar p']:.3g} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown_table(df: pd.DataFrame, floatfmt: str = ".3f") -> str:
     """Any small frame as a Markdown table (floats formatted, no extra dependency)."""
     fmt = lambda v: format(v, floatfmt) if isinstance(v, float) else str(v)  # noqa: E731
@@ -310,10 +362,13 @@ def table_markdown(table: pd.DataFrame, title: str | None = None, notes: list[st
 
 
 def write_outputs(logs_dir: str | Path, scored: dict[str, pd.DataFrame], *, title: str | None = None,
-                  notes: list[str] | None = None, extra: dict[str, dict[str, float]] | None = None) -> pd.DataFrame:
+                  notes: list[str] | None = None, extra: dict[str, dict[str, float]] | None = None,
+                  controls=()) -> pd.DataFrame:
     """Write per-question CSVs, ``accuracy.md``/``accuracy.csv`` and ``manual_review.csv`` (atomically).
 
     ``extra`` adds columns: ``{column: {experiment: value}}`` (missing experiments stay blank).
+    ``controls``: rows every other row is compared with, pairwise on the same questions
+    (``paired_comparisons``; a section of ``accuracy.md`` and ``accuracy_pairs.csv``).
     """
     logs_dir = Path(logs_dir)
     (logs_dir / "per_question").mkdir(parents=True, exist_ok=True)
@@ -324,7 +379,11 @@ def write_outputs(logs_dir: str | Path, scored: dict[str, pd.DataFrame], *, titl
     for column, values in (extra or {}).items():
         table[column] = [values.get(name, float("nan")) for name in table["Experiment"]]
     write_text(logs_dir / "accuracy.csv", table.to_csv(index=False))
-    write_text(logs_dir / "accuracy.md", table_markdown(table, title, notes))
+    pairs = paired_comparisons(scored, controls)
+    if controls:
+        write_text(logs_dir / "accuracy_pairs.csv", pairs.to_csv(index=False))
+    md = table_markdown(table, title, notes)
+    write_text(logs_dir / "accuracy.md", md + ("\n" + pairs_markdown(pairs) if not pairs.empty else ""))
     review = [
         {"experiment": name, **{k: row[k] for k in REVIEW_COLUMNS[1:-1]}, "answer": ""}
         for name, df in scored.items() for _, row in df[df["needs_review"]].iterrows()

@@ -198,6 +198,31 @@ def test_tables_and_files(tmp_path):
     assert not list(tmp_path.glob("**/*.tmp"))
 
 
+@pytest.mark.parametrize("b, c, p", [(0, 0, 1.0), (5, 0, 0.0625), (0, 5, 0.0625), (10, 2, 158 / 4096),
+                                     (3, 3, 1.0), (1, 0, 1.0), (20, 5, 2 * 68406 / 2 ** 25)])
+def test_exact_mcnemar(b, c, p):
+    assert assess.mcnemar_exact(b, c) == pytest.approx(p, rel=1e-4)
+
+
+def test_paired_comparisons_join_by_id_and_write_a_section(tmp_path):
+    """Only the discordant questions count; rows are matched by id, not by position."""
+    right = lambda r: f"#### {r.answer:g}"  # noqa: E731
+    control = _responses([right(r) if i in (0, 1) else "no idea" for i, r in enumerate(RECORDS)])
+    variant = _responses([right(r) if i in (1, 2, 3, 4) else "no idea" for i, r in enumerate(RECORDS)])
+    scored = {"no-distillation": assess.score("no-distillation", RECORDS, control),
+              "kd": assess.score("kd", RECORDS[::-1], variant)}  # another question order
+    pairs = assess.paired_comparisons(scored, ["no-distillation", "fine-tuning"])
+    assert len(pairs) == 1
+    row = pairs.iloc[0]
+    assert (row["Experiment"], row["Control"], row["n"], row["Both right"], row["Only this right"],
+            row["Only control right"]) == ("kd", "no-distillation", 5, 1, 3, 1)
+    assert row["Difference"] == pytest.approx(2 / 5) and row["McNemar p"] == pytest.approx(0.625)
+    assess.write_outputs(tmp_path, scored, controls=["no-distillation", "fine-tuning"])
+    md = (tmp_path / "accuracy.md").read_text()
+    assert "## Paired comparisons" in md and "| kd | no-distillation | 5 | 1 | 3 | 1 | +40.0 pp | 0.625 |" in md
+    assert pd.read_csv(tmp_path / "accuracy_pairs.csv")["Only this right"].tolist() == [3]
+
+
 def test_accuracy_plot(tmp_path):
     from helpers import plots
 

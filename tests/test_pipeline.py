@@ -50,6 +50,8 @@ def test_smoke_profile_end_to_end(tmp_path):
     for row in ("no-distillation", "fine-tuning", "gold-hint-kd"):
         assert f"| {row} |" in md and (logs / "per_question" / f"{row}.csv").is_file()
     assert "KD divergence (val)" in md
+    assert "## Paired comparisons" in md and "| gold-hint-kd | no-distillation | 4 |" in md
+    assert "| gold-hint-kd | fine-tuning | 4 |" in md and (logs / "accuracy_pairs.csv").is_file()
     div = {line.split(",")[0]: line.split(",")[1:] for line in (logs / "kd_divergence.csv").read_text().splitlines()}
     assert div["experiment"] == ["base", "gold-hint"]
     # teacher = student and the base strategy shows the plain question: the control is the teacher itself
@@ -68,6 +70,7 @@ def test_smoke_profile_end_to_end(tmp_path):
     for row in ("base alone", "assistant alone", "Co-LLM (learned)", "random deferral", "weak-supervision head"):
         assert f"| {row} |" in co
     assert "prompted copy of the same model" in co
+    assert "| Co-LLM (learned) | base alone | 4 |" in co and "| Co-LLM (learned) | assistant alone | 4 |" in co
     curve = (logs / "co_llm" / "validation_curve.csv").read_text().splitlines()
     assert curve[0].startswith("target,eta,eta_logit,deferral,accuracy") and len(curve) == 4
     for png in ("accuracy_vs_deferral.png", "provenance.png", "deferral_breakdown.png"):
