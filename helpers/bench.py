@@ -25,7 +25,6 @@ when a target is missed.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -176,14 +175,14 @@ def bench_dtypes(name: str, *, batch: int, tokens: int, train_batch: int, train_
 def bench_store(rows: list[dict], k: int) -> dict:
     import struct
 
-    from .artifacts import write_manifest
-    from .logit_store import FIELDS, STORE_FORMAT, LogitStore, shard_name, shard_record, write_shard
+    from .artifacts import file_record, write_manifest
+    from .logit_store import FIELDS, STORE_FORMAT, LogitStore, shard_name, write_shard
 
     with tempfile.TemporaryDirectory() as d:
         path = write_shard(Path(d) / shard_name(0), [{"id": f"q{i}", **{key: r[key] for key in (*FIELDS, "response", "finished")}}
                                                      for i, r in enumerate(rows)])
         write_manifest(d, {"settings": {"k": k, "format": STORE_FORMAT}, "n_shards": 1,
-                           "shards": {path.name: shard_record(path)}})
+                           "shards": {path.name: file_record(path)}})
         store = LogitStore(d)
         raw = path.read_bytes()
         # measured: the file minus its 8-byte length prefix, its header and the offsets (n + 1 int64)

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from . import __version__
-from .artifacts import file_problem, file_record, is_done, read_manifest, write_json, write_manifest
+from .artifacts import file_record, is_done, write_json, write_manifest
 from .data import plain_solution
 from .losses import KINDS, kd_loss
-from .models import add_special_tokens, prompt_text, tokenizer_fingerprint
+from .models import adapter_damage, add_special_tokens, prompt_text, tokenizer_fingerprint
 from .prompts import student_messages
 from .settings import TRAINING_DEFAULTS, check_training, check_variant
 
@@ -160,6 +160,7 @@ def train(model, tokenizer, train_examples: list[Example], val_examples: list[Ex
     training at once with :class:`TrainingDiverged`.
     """
     import contextlib
+    import itertools
 
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -190,7 +191,6 @@ def train(model, tokenizer, train_examples: list[Example], val_examples: list[Ex
         raise ValueError(f"unknown optimizer {cfg['optimizer']!r}; use sgd or adamw")
     model, opt, train_loader, val_loader = accelerator.prepare(model, opt, make(train_examples, True),
                                                                make(val_examples, False))
-    params = [p for p in model.parameters() if p.requires_grad]
     accum = cfg["grad_accum"]
     # one cosine over every optimizer step of the whole run: no restart between epochs
     total_steps = cfg["epochs"] * math.ceil(len(train_loader) / accum)
@@ -202,9 +202,8 @@ def train(model, tokenizer, train_examples: list[Example], val_examples: list[Ex
     bar = tqdm(total=total_steps, desc=f"distilling {name}", disable=not (progress and accelerator.is_main_process))
     model.train()
     for epoch in range(1, cfg["epochs"] + 1):
-        batches = list(train_loader)
-        for w in range(0, len(batches), accum):
-            window = batches[w:w + accum]
+        batches = iter(train_loader)  # windows of `accum` micro-batches, read as they are used
+        while window := list(itertools.islice(batches, accum)):
             tokens = torch.stack([b["mask"].sum() for b in window]).sum().double()
             if accelerator.num_processes > 1:  # token weights over the global step
                 tokens = accelerator.reduce(tokens.to(accelerator.device), reduction="sum")
@@ -222,8 +221,8 @@ def train(model, tokenizer, train_examples: list[Example], val_examples: list[Ex
                 history["micro_loss"].append(loss.item())
                 history["micro_tokens"].append(int(n.item()))
                 step_loss += loss.item() * weight / accelerator.num_processes
-            norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in params
-                                                         if p.grad is not None]))
+            grads = [p.grad.detach().float().norm() for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack(grads))
             if not torch.isfinite(norm):
                 raise _diverged(cfg, name, "gradient norm", norm.item(), step + 1, epoch)
             opt.step()
@@ -277,11 +276,11 @@ def is_trained(adapter_dir: str | Path, settings: dict) -> bool:
     adapter_dir = Path(adapter_dir)
     if not is_done(adapter_dir, settings):
         return False
-    for name, record in ((read_manifest(adapter_dir) or {}).get("files") or {"adapter_config.json": None}).items():
-        problem = file_problem(adapter_dir / name, record)
-        if problem:
-            print(f"adapter {adapter_dir} is damaged ({name}: {problem}); training it again", flush=True)
-            return False
+    problem = adapter_damage(adapter_dir) or (None if (adapter_dir / "adapter_config.json").is_file()
+                                              else "adapter_config.json: missing")
+    if problem:
+        print(f"adapter {adapter_dir} is damaged ({problem}); training it again", flush=True)
+        return False
     return True
 
 

@@ -38,7 +38,7 @@ from typing import Callable
 
 import numpy as np
 
-from .artifacts import atomic_path, file_problem, file_record, read_manifest
+from .artifacts import atomic_path, file_problem, read_manifest
 
 FIELDS = ("token_ids", "topk_ids", "topk_logprobs", "token_logprobs", "tail_logprobs")
 STORE_FORMAT = 2  # 2: per-token tail_logprobs and per-shard size + sha256 in the manifest
@@ -62,9 +62,6 @@ class TeacherRecord:
 
 def shard_name(i: int) -> str:
     return f"shard-{i:05d}.safetensors"
-
-
-shard_record = file_record  # what the manifest keeps about a shard: {"size": bytes, "sha256": hex digest}
 
 
 def write_shard(path: str | Path, rows: list[dict], before_rename: Callable[[Path], None] | None = None) -> Path:

@@ -99,36 +99,6 @@ def _fold_student(z: torch.Tensor, topk_ids: torch.Tensor, lse1: torch.Tensor, T
     return torch.log_softmax(torch.cat([at_k, tail.unsqueeze(-1)], dim=-1) / T, dim=-1)
 
 
-class _OutsideLogSumExp(torch.autograd.Function):
-    """log Σ_{j ∉ ids} exp(z_j) over the last axis, summed directly over the entries outside ``ids``
-    (never as a difference, which loses a small tail to rounding). One vocabulary-sized
-    temporary in the forward pass and one in the backward pass, none kept in between: the same
-    work as an autograd ``logsumexp`` of a masked copy without holding the copy."""
-
-    @staticmethod
-    def forward(ctx, z: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        m = z.amax(dim=-1, keepdim=True)
-        e = (z - m).exp_()
-        e.scatter_(-1, ids, 0.0)
-        total = e.sum(dim=-1)
-        del e
-        out = m.squeeze(-1) + total.log()
-        # where every outside entry is ~90 nats below the largest logit the shifted sum underflows:
-        # recompute those rows shifted by their own outside maximum
-        weak = total < 1e-30
-        if weak.any():
-            out[weak] = torch.logsumexp(z[weak].scatter(-1, ids[weak], _NEG_INF), dim=-1)
-        ctx.save_for_backward(z, ids, out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        z, ids, out = ctx.saved_tensors
-        grad = (z - out.unsqueeze(-1)).exp_()  # ≤ 1 outside ids; the ids' entries are zeroed next
-        grad.scatter_(-1, ids, 0.0)
-        return grad.mul_(grad_out.unsqueeze(-1)), None
-
-
 class _LogSumExpInsideOut(torch.autograd.Function):
     """Both log-sum-exps a KD step needs, from one pass over the vocabulary: over all of ``z``
     (the T = 1 normaliser) and over the entries outside ``ids`` (the student's tail).
@@ -175,9 +145,17 @@ def logsumexp_inside_out(z: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tens
     return _LogSumExpInsideOut.apply(z, ids.long())
 
 
+def _normaliser_and_tail(z: torch.Tensor, topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The student's T = 1 log-sum-exp and, when the ids leave a tail, the log-sum-exp outside them
+    (None when they cover the vocabulary: the tail is empty)."""
+    if topk_ids.shape[-1] < z.shape[-1]:
+        return logsumexp_inside_out(z, topk_ids)
+    return torch.logsumexp(z, dim=-1), None
+
+
 def outside_logsumexp(z: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """The log-sum-exp of ``z`` over the entries not in ``ids`` (last axis), exact and differentiable."""
-    return _OutsideLogSumExp.apply(z, ids.long())
+    return logsumexp_inside_out(z, ids)[1]
 
 
 def fold_student(student_logits: torch.Tensor, topk_ids: torch.Tensor, T: float = 1.0,
@@ -225,7 +203,8 @@ def _divergence(kind: str, lp: torch.Tensor, lq: torch.Tensor, beta: float) -> t
 
 def _folds(student_logits, topk_ids, topk_logprobs, T, tail_logprobs):
     z = student_logits.float()
-    lq = _fold_student(z, topk_ids, torch.logsumexp(z, dim=-1), T)
+    lse1, outside = _normaliser_and_tail(z, topk_ids)
+    lq = _fold_student(z, topk_ids, lse1, T, outside=outside)
     lp = fold_teacher(topk_logprobs.to(z.device), T, tail_logprobs, vocab_size=z.shape[-1])
     return lp, lq
 
@@ -277,11 +256,7 @@ def kd_loss(kind: str, student_logits, target_ids, mask, topk_ids=None, topk_log
         return ce, {"ce": ce.item(), "kd": float("nan")}
     if topk_ids is None or topk_logprobs is None:
         raise ValueError(f"loss {kind!r} needs the teacher's top-k ids and log-probs")
-    outside = None
-    if topk_ids.shape[-1] < z.shape[-1]:
-        lse1, outside = logsumexp_inside_out(z, topk_ids)
-    else:
-        lse1 = torch.logsumexp(z, dim=-1)
+    lse1, outside = _normaliser_and_tail(z, topk_ids)
     # one gather for the target and the teacher's k ids (one sparse backward instead of two)
     picked = z.gather(-1, torch.cat([target_ids.long().unsqueeze(-1), topk_ids.long()], dim=-1))
     ce = _masked_mean(lse1 - picked[..., 0], mask)

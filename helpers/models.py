@@ -245,13 +245,24 @@ def load_model(name_or_path: str, *, adapter: str | None = None, dtype: str = "a
     return model, tok
 
 
+def adapter_damage(folder: str | os.PathLike) -> str | None:
+    """``"<file>: <problem>"`` for the first file of an adapter folder that differs from the size and
+    digest its manifest recorded when it was saved (or is missing), else None."""
+    from .artifacts import file_problem, read_manifest
+
+    folder = Path(folder)
+    for name, record in ((read_manifest(folder) or {}).get("files") or {}).items():
+        problem = file_problem(folder / name, record)
+        if problem:
+            return f"{name}: {problem}"
+    return None
+
+
 def check_adapter(adapter: str | os.PathLike) -> None:
     """Refuse, in one line naming it, an adapter that is missing, damaged (its files differ from the
     sizes and digests recorded when it was saved) or whose weights are not finite."""
     import torch
     from safetensors.torch import load_file
-
-    from .artifacts import file_problem, read_manifest
 
     folder = Path(adapter)
     again = (f"train it again: python -m helpers.pipeline --only 02_distill-{folder.name} --force")
@@ -259,10 +270,9 @@ def check_adapter(adapter: str | os.PathLike) -> None:
         raise FileNotFoundError(f"adapter {str(adapter)!r} has no adapter_config.json: it was never trained "
                                 f"or is incomplete; {again}")
     weights = folder / "adapter_model.safetensors"
-    for name, record in ((read_manifest(folder) or {}).get("files") or {}).items():
-        problem = file_problem(folder / name, record)
-        if problem:
-            raise ValueError(f"adapter {str(adapter)!r} is damaged ({name}: {problem}); {again}")
+    problem = adapter_damage(folder)
+    if problem:
+        raise ValueError(f"adapter {str(adapter)!r} is damaged ({problem}); {again}")
     try:
         tensors = load_file(str(weights))
     except Exception as e:  # noqa: BLE001

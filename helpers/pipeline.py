@@ -65,8 +65,7 @@ def stage_plan(cfg: dict, root: Path, overrides: dict | None = None) -> list[dic
     import papermill as pm
 
     overrides = dict(overrides or {})
-    run_ok = settings.PARAMS["run_name"]
-    run = settings._value(run_ok, overrides.get("run_name") or cfg["run"],
+    run = settings.check_value(settings.PARAMS["run_name"], overrides.get("run_name") or cfg["run"],
                           "--set: " if overrides.get("run_name") else f"{cfg['path']}: run: ")
     results_dir, logs_dir = root / "results" / run, root / "logs" / run
     notebooks, declared = {}, {}

@@ -19,9 +19,9 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -309,7 +309,8 @@ def suggest(name: str, known) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _value(setting: Setting, v: Any, where: str) -> Any:
+def check_value(setting: Setting, v: Any, where: str) -> Any:
+    """``v`` coerced to ``setting``'s type, or a one-line ``SettingsError`` (``where`` prefixes it)."""
     if v is None:
         if setting.optional:
             return None
@@ -354,7 +355,7 @@ def check_training(row: dict, where: str = "") -> dict:
     for key, v in row.items():
         if key not in TRAINING:
             raise _unknown(key, TRAINING, where, "training setting")
-        out[key] = _value(TRAINING[key], v, where)
+        out[key] = check_value(TRAINING[key], v, where)
     return out
 
 
@@ -379,8 +380,7 @@ def check_variant(name: str, row: dict | None, *, training: dict | None = None, 
     out = check_training(row, at)
     merged = {**TRAINING_DEFAULTS, **(training or {}), **out}
     if strategy is not None:
-        strategy = Text(what="a strategy name").coerce(strategy) if isinstance(strategy, str) and strategy.strip() else None
-        if strategy is None:
+        if not isinstance(strategy, str) or not strategy.strip():
             raise SettingsError(f"{at}strategy must name one of the profile's strategies")
         if strategies is not None and strategy not in strategies:
             raise SettingsError(f"{at}strategy {strategy!r} has no teacher store in this profile; "
@@ -405,7 +405,7 @@ def check_params(params: dict, *, origins: dict[str, str] | None = None, readers
         where = f"{origins.get(key, 'params')}: "
         if key not in PARAMS:
             raise _unknown(key, PARAMS, where)
-        out[key] = _value(PARAMS[key], v, where)
+        out[key] = check_value(PARAMS[key], v, where)
         if readers is not None and key not in readers and not PARAMS[key].runner:
             raise SettingsError(f"{where}{key!r} is not read by any stage of this profile "
                                 f"(it is read by notebook {', '.join(PARAMS[key].read_by)})")

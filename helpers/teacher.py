@@ -23,9 +23,9 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from . import __version__
-from .artifacts import file_problem, fingerprint, read_manifest, write_manifest
+from .artifacts import file_problem, file_record, fingerprint, read_manifest, write_manifest
 from .data import plain_solution
-from .logit_store import STORE_FORMAT, LogitStore, shard_name, shard_record, write_shard
+from .logit_store import STORE_FORMAT, LogitStore, shard_name, write_shard
 from .models import add_special_tokens, model_fingerprint, prompt_text, tokenizer_fingerprint
 from .prompts import teacher_messages
 
@@ -192,7 +192,7 @@ def build_store(out_dir: str | Path, records, *, teacher: str, strategy: str, mo
     recorded = manifest.setdefault("shards", {})
 
     def record(tmp: Path, name: str) -> None:  # before the rename: a shard on disk always has its record
-        recorded[name] = shard_record(tmp)
+        recorded[name] = file_record(tmp)
         write_manifest(out_dir, manifest)
 
     bar = tqdm(total=len(records), desc=f"teacher {strategy}", unit="q", disable=not progress)

@@ -120,7 +120,7 @@ def test_every_notebook_parameter_is_declared_and_its_default_is_valid():
             if setting.runner or name in ("data_dir",):
                 continue
             default = ast.literal_eval(info["default"])
-            settings._value(setting, default, f"{nb.name}: ")  # the notebook's own default is allowed
+            settings.check_value(setting, default, f"{nb.name}: ")  # the notebook's own default is allowed
     for name, setting in settings.PARAMS.items():
         assert set(setting.read_by) == declared.get(name, set()), f"{name}: read_by {setting.read_by}"
 
