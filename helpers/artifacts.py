@@ -93,6 +93,11 @@ def file_digest(path: str | os.PathLike, n: int = 16) -> str | None:
     return h.hexdigest()[:n]
 
 
+def one_line(text) -> str:
+    """A message on one line (library messages may span several)."""
+    return " ".join(str(text).split())
+
+
 def file_record(path: str | os.PathLike) -> dict:
     """What a file should be, recorded when the toolkit writes it: ``{"size", "sha256"}``."""
     return {"size": Path(path).stat().st_size, "sha256": file_digest(path, n=64)}

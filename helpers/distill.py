@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .artifacts import file_record, is_done, write_json, write_manifest
+from .artifacts import file_record, is_done, one_line, write_json, write_manifest
 from .data import plain_solution
 from .losses import KINDS, kd_loss
 from .models import adapter_damage, add_special_tokens, prompt_text, tokenizer_fingerprint
@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
                     data_dir=p.get("data_dir"), n_train=p.get("n_train", 0), n_validation=p.get("n_validation", 0),
                     n_test=p.get("n_test", 0), seed=p.get("seed", 0), dtype=p.get("dtype", "auto"))
     except (ValueError, FileNotFoundError, TrainingDiverged) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
     return 0
 

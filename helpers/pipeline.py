@@ -27,7 +27,7 @@ from typing import Iterator
 import yaml
 
 from . import __version__, settings
-from .artifacts import file_digest, fingerprint, read_json, write_json
+from .artifacts import file_digest, fingerprint, one_line, read_json, write_json
 
 PROJECT = Path(__file__).resolve().parent.parent
 KERNEL = "kd-gsm"
@@ -132,11 +132,6 @@ def _input_digests(root: Path, patterns: list[str], run: str) -> dict[str, str |
         if not matches:
             out[pat] = None
     return out
-
-
-def one_line(text: str) -> str:
-    """A message on one line (library messages may span several)."""
-    return " ".join(str(text).split())
 
 
 def run_stage(stage: dict, *, kernel: str, log_output: bool = False) -> None:

@@ -25,6 +25,8 @@ from typing import Any
 
 import yaml
 
+from .artifacts import one_line
+
 LOSS_KINDS = ("forward_kl", "reverse_kl", "jsd", "ce")
 TEACHER_LOSSES = ("forward_kl", "reverse_kl", "jsd")
 DTYPES = ("auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32")
@@ -470,7 +472,7 @@ def load_profile(profile: str | Path, configs_dir: str | Path | None = None) -> 
     try:
         cfg = load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
-        raise SettingsError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+        raise SettingsError(f"{path}: not valid YAML: {one_line(e)}") from None
     if not isinstance(cfg, dict):
         raise SettingsError(f"{path}: a profile is a mapping with run, params and stages")
     for key in cfg:
