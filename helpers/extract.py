@@ -14,20 +14,32 @@ number wins, and every rule is also evaluated to fill ``Extraction.candidates``.
 4. ``last_number``   - the number closest to the end of the text.
 
 ``mode="robust"`` (default) is case-insensitive.  It first truncates the text
-at the first line (after some real content) that starts with ``Question:``,
-``Q:`` or ``Problem:`` -- the model has begun inventing a new problem.  Then,
-using the LAST occurrence that yields a number within each rule:
+where the model starts a problem of its own (see "Truncation" below) and
+drops exponents (``^2``, ``^{2}``), so ``48 m^2`` reads as 48.  Then, using
+the LAST statement that yields a number within each rule:
 
-1. ``boxed``         - ``\\boxed{...}`` with LaTeX cleaned up (``\\$``, ``\\%``,
+1. ``asked_question`` - a sentence that says which value answers the asked
+                       question (it settles which of two boxed answers
+                       counts): "the answer to (the|your|this|our)
+                       [original|first|asked|given|initial|main|actual]
+                       (question|problem) [you asked|asked|above|here|
+                       posed] is" + a statement, or
+                       "N is the answer to your (...) question": the last
+                       number of the clause before "is".
+2. ``boxed``         - ``\\boxed{...}`` with LaTeX cleaned up (``\\$``, ``\\%``,
                        ``\\text{}``, ``\\,``, ``{,}``); ``\\frac{a}{b}`` -> a/b.
-2. ``hashes``        - GSM8K style ``#### 18``.
-3. ``answer_label``  - a line starting with ``Answer:``, ``Final Answer:`` or
-                       ``A:`` (markdown bullets/bold allowed); first number
-                       after the colon on that line (unless that line itself
-                       says "the answer is N": then N).
-4. ``answer_phrase`` - "(the) (final|correct) answer is(:)"; first number in
-                       the rest of that line.
-5. ``first_line``    - conservative: the first non-empty line holds exactly
+3. ``hashes``        - GSM8K style ``#### 18``.
+4. ``answer_label``  - ``Answer:``, ``Final Answer:`` or ``A:`` starting a
+                       line (markdown bullets/bold allowed), or ``Answer:`` /
+                       ``Final Answer:`` starting a sentence mid-line (after
+                       ``.``, ``!`` or ``?``) or set in bold there; each label
+                       is a statement up to the next label or the line's end:
+                       its last "the answer is" statement if it has one, else
+                       a statement with no word limit.
+5. ``answer_phrase`` - "(the) (final|correct) answer is(:)" (not "isn't"); a
+                       statement up to the next such phrase or the line's
+                       end, so a line's last statement wins.
+6. ``first_line``    - conservative: the first non-empty line holds exactly
                        one number, at most 5 words in total, at most 3 words
                        (units) after the number and nothing else but closing
                        punctuation; words before the number must contain a
@@ -35,11 +47,52 @@ using the LAST occurrence that yields a number within each rule:
                        ``=``/``:``.  So ``18``, ``$18.``, ``18 dollars``,
                        ``The total is 18.`` fire; ``Step 1: ...``,
                        ``1. Janet ...`` and ``Janet has 16 eggs.`` do not.
-6. ``last_number``   - the number closest to the end of the truncated text.
+7. ``last_number``   - the number closest to the end of the truncated text.
+
+A statement reads the first number after its phrase, unless the words before
+that number (at most 4 of them for phrases; LaTeX commands are not words)
+negate, bound or hedge it (not, no, never, either, between, more/less than,
+at least/most, up to, unknown, depends, ...) or name a multiple-choice
+letter: "The answer is (B)" yields nothing, and a letter counts only when
+the number directly follows it ("B) 42" -> 42).  If the number starts an
+arithmetic chain (numbers joined by ``+ - * / x × ÷ · ^ =``, ``\\times``,
+``\\cdot``, ``\\div``, with ``$`` and brackets) that contains ``=``, the
+number after the last ``=`` is read: "5 + 7 = 12" -> 12.  Otherwise two
+numbers joined by an unspaced hyphen or dash, an en dash, "to", "or" or
+"and" are a range and yield nothing ("10-20", "10 to 20"); any other chain
+without ``=`` ("9 * 2", "12 - 2") keeps its first number.  A statement that
+yields nothing leaves the rule to earlier statements, then to later rules.
+
+Truncation (robust) cuts at the earliest marker that comes after some number
+(so a response that opens by restating the problem is kept):
+
+- a line opening with a problem title: optionally a list number (``2)``) and
+  a qualifier (new, next, another, bonus, additional, similar, extra,
+  follow-up, practice), then Question, Q, Problem, Example or Exercise,
+  optionally numbered (``Q2``, ``Problem #3``), then ``:``, ``.``, ``)`` or
+  the end of the line (markdown ``#``, ``*``, ``>`` around it allowed):
+  ``Question:``, ``### Problem 2``, ``**Example 3:**``, ``### New Question``,
+  ``# Exercise``, ``Problem 2.``, ``Next question:``.  Not titles:
+  ``## Step 2:``, ``### Solution``, ``## Problem Analysis``, ``1. Janet ...``.
+- a sentence (at a line start, or after ``.``, ``!``, ``?``) that hands out a
+  new problem: "(Now) try/solve/attempt" + "this one", "this:", "the
+  following problem", "another/a new/a similar/a different" + "one" or
+  problem/question/exercise/example; "Your turn"; or one to six opening words
+  (here's, let's, now, look at, give you, move on to, ...: words that do not
+  carry a solution) + "another" or "a new/similar/different/related" + at
+  most one word + problem/question/exercise/example ("Here's another problem
+  for you:", "Now, let's look at a similar problem:"; not "This raises
+  another question").  A title mid-line (``... dollars. Question: ...``) is
+  no cut.
 
 ``needs_review`` is True when nothing was found, or when the explicit rules
-(seed: boxed, answer_phrase; robust: boxed, hashes, answer_label,
-answer_phrase) disagree (relative tolerance 1e-9).
+(seed: boxed, answer_phrase; robust: asked_question, boxed, hashes,
+answer_label, answer_phrase) disagree (relative tolerance 1e-9), or (robust)
+when the text has an answer marker (a box, a label, an answer phrase) but no
+explicit rule read a number from it: "The answer is between 10 and 20" is not
+a stated answer, whatever ``first_line`` or ``last_number`` give.  A response
+with no marker at all that ends on a number is read by ``last_number``
+without review; the rule name says it was a fallback.
 
 Numbers: optional sign, optional ``$`` (``-$5`` and ``$-5``), thousands
 groups (``1,234``; ``1,23`` reads as 1 and 23), decimals (``3.50``, ``.5``),
@@ -66,17 +119,74 @@ _FRAC = re.compile(
     rf"(?P<sign>[{_MINUS}]\s*)?\\[dt]?frac\s*\{{(?P<num>[^{{}}]*)\}}\s*\{{(?P<den>[^{{}}]*)\}}"
 )
 _HASHES = re.compile(r"#{4}[ \t]*(?:\*\*)?[ \t]*")
+_EXPONENT = re.compile(  # ^2, ^{2}, ^-1: dropped in robust mode, never read as an answer
+    rf"\^[ \t]*(?:\{{[ \t]*[{_MINUS}]?\d+(?:\.\d+)?[ \t]*\}}|[{_MINUS}]?\d+(?:\.\d+)?)"
+)
+
 _LABEL = re.compile(
-    r"^[-*#>_ \t]*(?:final[ \t]+answer|answer|a)[ \t]*(?:\*\*|__)?[ \t]*:(?P<rest>[^\n]*)",
+    r"(?:^[-*#>_ \t]*(?:final[ \t]+answer|answer|a)"  # at a line start, "A:" too
+    r"|(?<=[.!?])[ \t]+(?:\*\*|__)?(?:final[ \t]+)?answer"  # starting a sentence
+    r"|[ \t](?:\*\*|__)(?:final[ \t]+)?answer)"  # in bold
+    r"[ \t]*(?:\*\*|__)?[ \t]*:",
     re.IGNORECASE | re.MULTILINE,
 )
 _PHRASE_SEED = re.compile(r"the (?:final |correct )?answer is")
 _PHRASE_ROBUST = re.compile(
-    r"\b(?:the[ \t]+)?(?:final[ \t]+|correct[ \t]+)?answer[ \t]+is\b(?P<rest>[^\n]*)",
+    r"\b(?:the[ \t]+)?(?:final[ \t]+|correct[ \t]+)?answer[ \t]+is(?![\w'\u2019])", re.IGNORECASE
+)
+_ASKED = (
+    r"answer[ \t]+to[ \t]+(?:the|your|this|our)[ \t]+"
+    r"(?:(?:original|first|asked|given|initial|main|actual)[ \t]+)?(?:question|problem)\b"
+)
+_ASKED_FORWARD = re.compile(
+    rf"\b{_ASKED}(?:[ \t]+(?:you[ \t]+asked|asked|above|here|posed))?"
+    r"[ \t]*,?[ \t]+(?:is|was)(?![\w'\u2019])",
     re.IGNORECASE,
 )
-_TRUNCATE = re.compile(
-    r"^[#*>_ \t]*(?:question|q|problem)[ \t]*(?:\*\*|__)?[ \t]*:",
+_ASKED_BACKWARD = re.compile(rf"\b(?:is|was)[ \t]+(?:the[ \t]+)?{_ASKED}", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"[.!?](?=\s)")
+_MARKERS = (_BOXED, _LABEL, _PHRASE_ROBUST, _ASKED_FORWARD)
+
+# A statement's words before its number: what makes it no statement of a value.
+_HEDGE = re.compile(
+    r"\b(?:not|no|never|neither|nor|either|between|unclear|unknown|undefined|impossible"
+    r"|cannot|can['\u2019]t|unable|sorry|depends|depending|(?:more|less|fewer|greater)[ \t]+than"
+    r"|at[ \t]+(?:least|most)|up[ \t]+to)\b",
+    re.IGNORECASE,
+)
+# A letter choice: "(b)", or a capital A-E standing alone ("A" before a word is the article).
+_CHOICE = re.compile(r"\([A-Ea-e]\)|\b(?:[B-E]|A(?![ \t]+[a-z]))\b")
+_CHOICE_ONLY = re.compile(r"[\s:*_]*(?:\([A-Ea-e]\)|[A-E][).:]?)[\s:*_]*")
+_LATEX_CMD = re.compile(r"\\[A-Za-z]+")
+_CHAIN_GAP = re.compile(  # what joins the numbers of an arithmetic chain
+    r"[ \t$()\[\]{}]*(?:(?:[-\u2212+*/x×÷·^=]|\\times|\\cdot|\\div)[ \t$()\[\]{}]*)+"
+)
+_RANGE_GAP = re.compile(r"[-\u2014]|[ \t]*\u2013[ \t]*|[ \t]+(?:to|or|and)[ \t]+", re.IGNORECASE)
+_PHRASE_WORDS = 4  # words allowed between "the answer is" and its number
+_CLAUSE_CHARS = 300  # how far back "N is the answer to your question" looks for N
+
+_TITLE = (
+    r"(?:\d+[.)][ \t]*)?"
+    r"(?:(?:new|next|another|bonus|additional|similar|extra|follow-up|practice)[ \t]+)?"
+    r"(?:question|problem|example|exercise|q)(?:[ \t]*#?\d+)?(?![\w'-])"
+)
+_NEW_TITLE = re.compile(
+    rf"^[#*>_ \t]*{_TITLE}[ \t]*(?:\*\*|__)?[ \t]*(?:[:.)]|[*_ \t]*$)",
+    re.IGNORECASE | re.MULTILINE,
+)
+_PROBLEM = r"(?:problem|question|exercise|example)s?(?![\w-])"
+_OPENER = (  # words that lead into "another problem" without being part of a solution
+    r"here|here['\u2019]s|is|let|let['\u2019]s|us|me|now|next|try|do|look|at|solve|consider|for|you"
+    r"|give|i|i['\u2019]ll|will|move|moving|on|to|with|practice|take|ok|okay|shall|it['\u2019]s|time|up"
+)
+_NEW_SENTENCE = re.compile(
+    r"(?:^|(?<=[.!?])[ \t])[#*>_ \t]*(?:"
+    r"(?:now[ \t]*,?[ \t]+)?(?:try|solve|attempt)[ \t]+(?:this[ \t]+one\b|this(?=[ \t]*:)"
+    rf"|the[ \t]+following[ \t]+{_PROBLEM}"
+    rf"|(?:another|a[ \t]+(?:new|similar|different))[ \t]+(?:one\b|{_PROBLEM}))"
+    r"|your[ \t]+turn\b"
+    rf"|(?:(?:{_OPENER})[ \t,]+){{1,6}}(?:another|a[ \t]+(?:new|similar|different|related))[ \t]+"
+    rf"(?:[a-z-]+[ \t]+)?{_PROBLEM})",
     re.IGNORECASE | re.MULTILINE,
 )
 _WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?")
@@ -159,24 +269,91 @@ def _last_hit(values) -> float | None:
     return found
 
 
-def _phrase_value(rest_of_line: str) -> float | None:
-    m = _PHRASE_ROBUST.search(rest_of_line)
-    return _first_number(m["rest"]) if m else None
+def _statements(pattern: re.Pattern, text: str):
+    """(match, text after it up to the next match or the end of its line) for
+    each match of ``pattern``: several statements on one line are read apart."""
+    matches = list(pattern.finditer(text))
+    for m, following in zip(matches, matches[1:] + [None]):
+        stop = following.start() if following else len(text)
+        newline = text.find("\n", m.end(), stop)
+        yield m, text[m.end():stop if newline < 0 else newline]
 
 
-def _label_value(rest_of_line: str) -> float | None:
-    """First number after the label; but if the same line goes on to say
-    "the answer is N" (one-line few-shot style ``A: ... The answer is 18.``),
-    that N is the answer, not the first number of the reasoning."""
-    phrased = _phrase_value(rest_of_line)
-    return phrased if phrased is not None else _first_number(rest_of_line)
+def _statement_value(s: str, max_words: int | None = None) -> float | None:
+    """The value a statement gives (module docs), or None."""
+    nums = list(_NUM.finditer(s))
+    if not nums or not _plain_lead(s[:nums[0].start()], max_words):
+        return None
+    return _chain_value(s, nums)
+
+
+def _plain_lead(lead: str, max_words: int | None) -> bool:
+    """Whether the words before a statement's number leave it a plain
+    statement of that number: not hedged, not a letter choice, not too far."""
+    if _HEDGE.search(lead) or (_CHOICE.search(lead) and not _CHOICE_ONLY.fullmatch(lead)):
+        return False
+    return max_words is None or len(_WORD.findall(_LATEX_CMD.sub(" ", lead))) <= max_words
+
+
+def _chain_value(s: str, nums: list[re.Match]) -> float | None:
+    """The first number, or the result after the last "=" of the arithmetic
+    chain it starts ("3 × $4 = $12" -> 12); None for a range ("10-20")."""
+    result, prev = None, nums[0]
+    for m in nums[1:]:
+        gap = s[prev.end():m.start()].replace("**", "").replace("\\$", "")
+        if not _CHAIN_GAP.fullmatch(gap):
+            break
+        if "=" in gap:
+            result = m
+        prev = m
+    if result is not None:
+        return _to_float(result)
+    if len(nums) > 1 and _RANGE_GAP.fullmatch(s[nums[0].end():nums[1].start()]):
+        return None
+    return _to_float(nums[0])
+
+
+def _phrase_value(text: str) -> float | None:
+    return _last_hit(_statement_value(s, _PHRASE_WORDS) for _, s in _statements(_PHRASE_ROBUST, text))
+
+
+def _label_value(statement: str) -> float | None:
+    """The label's own statement; but if it goes on to say "the answer is N"
+    (one-line few-shot style ``A: ... The answer is 18.``), that N is the
+    answer, not the first number of the reasoning."""
+    phrased = _phrase_value(statement)
+    return phrased if phrased is not None else _statement_value(statement)
+
+
+def _clause_before(text: str, end: int) -> str:
+    """From the start of the sentence (on its line, within a bounded window)
+    that contains ``end`` to ``end``."""
+    start = max(0, end - _CLAUSE_CHARS)
+    newline = text.rfind("\n", start, end)
+    clause = text[newline + 1 if newline >= 0 else start:end]
+    ends = list(_SENTENCE_END.finditer(clause))
+    return clause[ends[-1].end():] if ends else clause
+
+
+def _asked_value(text: str) -> float | None:
+    """Last sentence naming the answer to the asked question, either way round."""
+    found = [(m.start(), _statement_value(s, _PHRASE_WORDS))
+             for m, s in _statements(_ASKED_FORWARD, text)]
+    for m in _ASKED_BACKWARD.finditer(text):
+        nums = list(_NUM.finditer(_clause_before(text, m.start())))
+        found.append((m.start(), _to_float(nums[-1]) if nums else None))
+    return _last_hit(v for _, v in sorted(found, key=lambda hit: hit[0]))
 
 
 def _truncate(text: str) -> str:
-    for m in _TRUNCATE.finditer(text):
-        if text[:m.start()].strip():
-            return text[:m.start()]
-    return text
+    """Cut where the model starts a problem of its own; only after a number
+    has been written, so an opening restatement of the problem is kept."""
+    first_number = _NUM.search(text)
+    if first_number is None:
+        return text
+    cuts = (p.search(text, first_number.end()) for p in (_NEW_TITLE, _NEW_SENTENCE))
+    starts = [m.start() for m in cuts if m]
+    return text[:min(starts)] if starts else text
 
 
 def _first_line(text: str) -> str:
@@ -219,25 +396,27 @@ def _seed_rules(text: str) -> dict[str, float | None]:
     }
 
 
-def _robust_rules(text: str) -> dict[str, float | None]:
-    text = _truncate(text)
+def _robust_rules(text: str) -> tuple[dict[str, float | None], bool]:
+    """Every rule's value, and whether the text has an answer marker at all
+    (so a marker that yields no number is not mistaken for plain reasoning)."""
+    text = _EXPONENT.sub(" ", _truncate(text))
     hashes = (_NUM.match(text, m.end()) for m in _HASHES.finditer(text))
     last = list(_NUM.finditer(text))
-    return {
+    results = {
+        "asked_question": _asked_value(text),
         "boxed": _last_hit(_boxed_value(c) for c in _boxed_contents(text)),
         "hashes": _last_hit(_to_float(m) if m else None for m in hashes),
-        "answer_label": _last_hit(_label_value(m["rest"]) for m in _LABEL.finditer(text)),
-        "answer_phrase": _last_hit(
-            _first_number(m["rest"]) for m in _PHRASE_ROBUST.finditer(text)
-        ),
+        "answer_label": _last_hit(_label_value(s) for _, s in _statements(_LABEL, text)),
+        "answer_phrase": _phrase_value(text),
         "first_line": _robust_first_line(text),
         "last_number": _to_float(last[-1]) if last else None,
     }
+    return results, any(p.search(text) for p in _MARKERS)
 
 
 _EXPLICIT = {
     "seed": ("boxed", "answer_phrase"),
-    "robust": ("boxed", "hashes", "answer_label", "answer_phrase"),
+    "robust": ("asked_question", "boxed", "hashes", "answer_label", "answer_phrase"),
 }
 
 
@@ -247,13 +426,14 @@ def extract_details(text: str, mode: str = "robust") -> Extraction:
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; valid modes are {', '.join(MODES)}")
     text = text or ""
-    results = _seed_rules(text) if mode == "seed" else _robust_rules(text)
+    results, marked = (_seed_rules(text), False) if mode == "seed" else _robust_rules(text)
     candidates = {rule: v for rule, v in results.items() if v is not None}
     rule = next(iter(candidates), None)
     value = candidates[rule] if rule else None
     explicit = [candidates[r] for r in _EXPLICIT[mode] if r in candidates]
     disagree = any(not _same(a, b) for a in explicit for b in explicit)
-    return Extraction(value, rule, candidates, value is None or disagree)
+    unread = marked and not explicit
+    return Extraction(value, rule, candidates, value is None or disagree or unread)
 
 
 def extract_answer(text: str, mode: str = "robust") -> float | None:
