@@ -25,20 +25,22 @@ from .extract import extract_details
 from .models import model_fingerprint, prompt_text
 from .prompts import student_messages
 
-DECODING_DEFAULTS = {"max_new_tokens": 256, "do_sample": False, "temperature": 1.0, "top_p": 1.0, "seed": 0}
+DECODING_DEFAULTS = {"max_new_tokens": 256, "do_sample": False, "temperature": 1.0, "top_p": 1.0, "seed": 0,
+                     "stop_loops": False}
 REVIEW_COLUMNS = ["experiment", "id", "gold", "extracted", "rule", "candidates", "response_sha", "response", "answer"]
 
 
 # --------------------------------------------------------------------------- generation
 def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_new_tokens: int = 256,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-             progress: bool = True, on_batch=None) -> list[dict]:
+             stop_loops: bool = False, progress: bool = True, on_batch=None) -> list[dict]:
     """Generate a response for each prompt (left-padded batches, longest prompts first).
 
     Returns one dict per prompt, in the order given: ``response`` (special tokens removed),
-    ``n_tokens`` (generated, up to and including end-of-sequence) and ``finished`` (False
-    when ``max_new_tokens`` cut the response). ``on_batch(indices, rows)`` is called after
-    every batch, so callers can save as they go.
+    ``n_tokens`` (generated, up to and including end-of-sequence), ``finished`` (ended at
+    end-of-sequence) and ``stop`` (``eos``; ``loop``: stopped repeating itself, with
+    ``stop_loops``; ``cap``: cut at ``max_new_tokens``). ``on_batch(indices, rows)`` is called
+    after every batch, so callers can save as they go.
     """
     import torch
     from tqdm.auto import tqdm
@@ -57,8 +59,10 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         out = generate_with_capture(model, tokenizer, [prompts[i] for i in idx], max_new_tokens=max_new_tokens,
-                                    do_sample=do_sample, temperature=temperature, top_p=top_p, capture=False)
-        rows = [{"response": o["response"], "n_tokens": len(o["token_ids"]), "finished": o["finished"]} for o in out]
+                                    do_sample=do_sample, temperature=temperature, top_p=top_p, capture=False,
+                                    stop_loops=stop_loops)
+        rows = [{"response": o["response"], "n_tokens": len(o["token_ids"]), "finished": o["finished"],
+                 "stop": o["stop"]} for o in out]
         for i, row in zip(idx, rows):
             results[i] = row
         if on_batch is not None:
@@ -82,7 +86,7 @@ def _read_cache(path: Path) -> dict[str, dict]:
     for k, line in enumerate(lines, 1):
         try:
             row = json.loads(line)
-            if not isinstance(row, dict) or not {"id", "response", "n_tokens", "finished"} <= set(row):
+            if not isinstance(row, dict) or not {"id", "response", "n_tokens", "finished", "stop"} <= set(row):
                 raise ValueError
         except ValueError:
             if line.strip():
@@ -138,8 +142,8 @@ def generate_responses(experiment: str, spec: dict, records: list[Record], out_d
                 f.flush()
 
             generate(model, tok, prompts, batch_size=batch_size, progress=progress, on_batch=save,
-                     **{k: decoding[k] for k in ("max_new_tokens", "do_sample", "temperature", "top_p", "seed")})
-    return pd.DataFrame([{"id": r.id, **{k: done[r.id][k] for k in ("response", "n_tokens", "finished")}}
+                     **{k: decoding[k] for k in DECODING_DEFAULTS})
+    return pd.DataFrame([{"id": r.id, **{k: done[r.id][k] for k in ("response", "n_tokens", "finished", "stop")}}
                          for r in records])
 
 
@@ -213,33 +217,79 @@ def score(experiment: str, records: list[Record], responses: pd.DataFrame, *, mo
             if not o_sha or o_sha == sha:
                 value, rule, review = o_value, "override", False
         rows.append({
-            "id": r.id, "question": r.question, "gold": r.answer, "response": resp.response,
+            "experiment": experiment, "id": r.id, "question": r.question, "gold": r.answer, "response": resp.response,
             "extracted": -1 if value is None else value, "rule": rule or "none",
             "correct": is_correct(value, r.answer), "needs_review": review,
             "candidates": json.dumps(ex.candidates), "n_tokens": resp.n_tokens, "finished": resp.finished,
-            "response_sha": sha,
+            "stop": getattr(resp, "stop", "eos" if resp.finished else "cap"), "response_sha": sha,
         })
     return pd.DataFrame(rows)
 
 
-def kd_divergence(model, tokenizer, store, records: list[Record], *, batch_size: int = 8) -> float:
-    """Mean forward KL (T = 1, top-k with tail, see ``helpers.losses``) from the teacher's stored
-    distributions to ``model`` over every solution token of ``records``: how close a student has
-    come to its teacher, a signal that moves even when accuracy is near zero."""
+ECE_BINS = 15
+
+
+def calibration_error(confidence, correct, bins: int = ECE_BINS) -> float:
+    """Expected calibration error: tokens binned by confidence into ``bins`` equal-width bins over
+    [0, 1] (the top bin includes 1), then Σ_b (n_b / N) · |accuracy_b − mean confidence_b|."""
+    import numpy as np
+
+    conf, hit = np.asarray(confidence, np.float64).ravel(), np.asarray(correct, np.float64).ravel()
+    if conf.size == 0:
+        return float("nan")
+    counts, conf_sum, hit_sum = _bin_sums(conf, hit, bins)
+    return _ece(counts, conf_sum, hit_sum)
+
+
+def _bin_sums(conf, hit, bins: int):
+    import numpy as np
+
+    which = np.minimum((conf * bins).astype(np.int64), bins - 1)
+    return (np.bincount(which, minlength=bins), np.bincount(which, conf, minlength=bins),
+            np.bincount(which, hit, minlength=bins))
+
+
+def _ece(counts, conf_sum, hit_sum) -> float:
+    n = counts.sum()
+    return float(abs(hit_sum - conf_sum).sum() / n) if n else float("nan")
+
+
+def teacher_text_metrics(model, tokenizer, store, records: list[Record], *, batch_size: int = 8,
+                         bins: int = ECE_BINS) -> dict[str, float]:
+    """Two signals that move even when accuracy is near zero, over every solution token of the
+    teacher's held-out ``records`` in ``store`` (one forward pass of ``model`` per batch):
+
+    - ``kd``: mean forward KL (T = 1, top-k with tail, see ``helpers.losses``) from the teacher's
+      stored distributions to the model: how close a student has come to its teacher;
+    - ``ece``: the token-level expected calibration error (``bins`` equal-width bins) of the model's
+      next-token prediction: its top probability as confidence, correct when that token is the one
+      the teacher wrote.
+    """
+    import numpy as np
     import torch
 
-    from .distill import batch_loss, build_examples, collate
+    from .distill import build_examples, collate
+    from .losses import kd_loss
 
     examples = build_examples(records, tokenizer, store)
-    cfg = {"loss": "forward_kl", "T": 1.0, "alpha": 1.0, "beta": 0.5}
     total, count = 0.0, 0.0
+    sums = [np.zeros(bins), np.zeros(bins), np.zeros(bins)]
     with torch.inference_mode():
         for i in range(0, len(examples), batch_size):
             batch = {k: v.to(model.device) for k, v in collate(examples[i:i + batch_size], tokenizer.pad_token_id).items()}
-            loss, parts, n = batch_loss(model, batch, cfg)
-            total += parts["kd"] * n.item()
-            count += n.item()
-    return total / max(count, 1.0)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            _, parts = kd_loss("forward_kl", logits, batch["targets"], batch["mask"], batch["topk_ids"],
+                               batch["topk_logprobs"], T=1.0, alpha=1.0, tail_logprobs=batch.get("tail_logprobs"))
+            n = batch["mask"].sum().item()
+            total += parts["kd"] * n
+            count += n
+            keep = batch["mask"].bool()
+            top, pred = logits.float().max(-1)
+            conf = torch.exp(top - torch.logsumexp(logits.float(), -1))[keep].double().cpu().numpy()
+            hit = (pred == batch["targets"])[keep].double().cpu().numpy()
+            for acc, part in zip(sums, _bin_sums(conf, hit, bins)):
+                acc += part
+    return {"kd": total / max(count, 1.0), "ece": _ece(*sums)}
 
 
 def loss_weights(adapter_dir: str | Path) -> dict[str, float]:
@@ -265,18 +315,43 @@ def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+EXPLICIT_RULES = ("asked_question", "boxed", "hashes", "answer_label", "answer_phrase", "override")
+
+
+def pool_seeds(per_seed: dict[int | None, pd.DataFrame]) -> pd.DataFrame:
+    """One row's scored frames, one per training seed (None: not trained, or a single training),
+    stacked into one frame with a ``seed`` column (blank for None) for the tables below."""
+    frames = [df.assign(seed=pd.array([s] * len(df), dtype="Int64")) for s, df in per_seed.items()]
+    return pd.concat(frames, ignore_index=True)
+
+
+def _seeds(df: pd.DataFrame) -> list:
+    return sorted(df["seed"].dropna().unique().tolist()) if "seed" in df else []
+
+
 def accuracy_table(scored: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """One row per experiment, in the given order: the study's columns plus n, the interval and
-    the share of responses with an explicitly stated final answer."""
+    """One row per experiment, in the given order: the study's columns plus n, the interval, the
+    share of responses with an explicitly stated final answer, the number read only by the
+    last-number fallback, and how responses ended (looped, hit the cap). With several training
+    seeds (a ``seed`` column, see ``pool_seeds``) accuracy and its interval pool every seed's
+    responses, and ``Seeds``, ``Seed mean`` and ``Seed SD`` (sample standard deviation) follow."""
     rows = []
+    multi = any(len(_seeds(df)) > 1 for df in scored.values())
     for name, df in scored.items():
         n, k = len(df), int(df["correct"].sum())
         lo, hi = wilson_interval(k, n)
-        explicit = df["rule"].isin(["boxed", "hashes", "answer_label", "answer_phrase", "override"])
-        rows.append({"Experiment": name, "Accuracy": k / n if n else float("nan"), "# Questions Correct": k,
-                     "n": n, "CI low": lo, "CI high": hi,
-                     "Final answer stated": float(explicit.mean()) if n else float("nan"),
-                     "Needs review": int(df["needs_review"].sum())})
+        stop = df["stop"] if "stop" in df else pd.Series(["eos"] * n)
+        row = {"Experiment": name, "Accuracy": k / n if n else float("nan"), "# Questions Correct": k,
+               "n": n, "CI low": lo, "CI high": hi,
+               "Final answer stated": float(df["rule"].isin(EXPLICIT_RULES).mean()) if n else float("nan"),
+               "Needs review": int(df["needs_review"].sum()), "Read by fallback": int((df["rule"] == "last_number").sum()),
+               "Looped": float((stop == "loop").mean()) if n else float("nan"),
+               "Hit the cap": float((stop == "cap").mean()) if n else float("nan")}
+        if multi:
+            per = [float(g["correct"].mean()) for _, g in df.groupby("seed")] if _seeds(df) else [row["Accuracy"]]
+            row.update({"Seeds": len(per), "Seed mean": sum(per) / len(per),
+                        "Seed SD": float(pd.Series(per).std()) if len(per) > 1 else float("nan")})
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -291,28 +366,58 @@ def mcnemar_exact(only_this: int, only_control: int) -> float:
     return min(1.0, 2.0 * tail)
 
 
-PAIR_COLUMNS = ["Experiment", "Control", "n", "Both right", "Only this right", "Only control right",
-                "Difference", "McNemar p"]
+def paired_bootstrap(diffs, *, resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile interval of the mean of per-question differences, resampling questions
+    (with replacement, ``resamples`` times, a fixed generator so the table is reproducible)."""
+    import numpy as np
+
+    d = np.asarray(diffs, np.float64)
+    if d.size == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    means = np.concatenate([d[rng.integers(0, d.size, (min(1000, resamples - i), d.size))].mean(1)
+                            for i in range(0, resamples, 1000)])
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return (float(lo), float(hi))
+
+
+PAIR_COLUMNS = ["Experiment", "Control", "n", "Seeds", "This better", "Control better", "Ties",
+                "Difference", "CI low", "CI high", "McNemar p"]
+
+
+def _per_question(df: pd.DataFrame, seeds: list) -> pd.Series:
+    """Correctness per question, averaged over ``seeds`` (all rows when the frame has no seeds)."""
+    if seeds and _seeds(df):
+        df = df[df["seed"].isin(seeds)]
+    return df.groupby("id", sort=False)["correct"].mean()
 
 
 def paired_comparisons(scored: dict[str, pd.DataFrame], controls) -> pd.DataFrame:
-    """Each row against each control on the same questions (joined by id): the paired difference
-    in accuracy, (only this right − only the control right) / n, with the exact McNemar p-value.
+    """Each row against each control on the same questions (joined by id).
+
+    Per question, d = this row's correctness minus the control's, each averaged over the training
+    seeds they share (a row without seeds, like the untouched student, pairs with every seed).
+    Reported: the questions where this row or the control does better, the mean difference with a
+    paired bootstrap 95 % interval over questions, and the exact two-sided sign test of the signs
+    of d, which with one seed is exactly McNemar's test of the discordant pairs (``mcnemar_exact``).
     Controls missing from ``scored`` are left out."""
     rows = []
     for control in [c for c in controls if c in scored]:
-        ref = scored[control].set_index("id")["correct"].astype(bool)
+        ref_df = scored[control]
         for name, df in scored.items():
             if name == control:
                 continue
-            mine = df.set_index("id")["correct"].astype(bool)
+            mine_seeds, ref_seeds = _seeds(df), _seeds(ref_df)
+            shared = sorted(set(mine_seeds) & set(ref_seeds)) if mine_seeds and ref_seeds else mine_seeds or ref_seeds
+            mine, ref = _per_question(df, shared), _per_question(ref_df, shared)
             ids = mine.index.intersection(ref.index)
-            a, r = mine[ids], ref[ids]
-            b, c = int((a & ~r).sum()), int((~a & r).sum())
-            rows.append({"Experiment": name, "Control": control, "n": len(ids), "Both right": int((a & r).sum()),
-                         "Only this right": b, "Only control right": c,
-                         "Difference": (b - c) / len(ids) if len(ids) else float("nan"),
-                         "McNemar p": mcnemar_exact(b, c)})
+            d = (mine[ids] - ref[ids]).to_numpy(dtype=float)
+            better, worse = int((d > 0).sum()), int((d < 0).sum())
+            lo, hi = paired_bootstrap(d)
+            rows.append({"Experiment": name, "Control": control, "n": len(ids), "Seeds": max(1, len(shared)),
+                         "This better": better, "Control better": worse, "Ties": len(ids) - better - worse,
+                         "Difference": float(d.mean()) if len(ids) else float("nan"), "CI low": lo, "CI high": hi,
+                         "McNemar p": mcnemar_exact(better, worse)})
     return pd.DataFrame(rows, columns=PAIR_COLUMNS)
 
 
@@ -320,15 +425,21 @@ def pairs_markdown(pairs: pd.DataFrame) -> str:
     """The paired comparisons as a Markdown section (empty when there are none)."""
     if pairs.empty:
         return ""
+    several = bool((pairs["Seeds"] > 1).any())
     lines = ["## Paired comparisons", "",
-             "Each row against a control on the same questions: the difference in accuracy (percentage points) "
-             "comes only from the questions exactly one of the two gets right; p is the exact two-sided McNemar "
-             "test of those discordant pairs.", "",
-             "| Experiment | vs | n | both right | only this right | only control right | difference | McNemar p |",
-             "|---|---|---|---|---|---|---|---|"]
+             "Each row against a control on the same questions. 'This better' / 'control better' count the questions "
+             "where one of the two is right more often" + (" (correctness averaged over the training seeds both "
+                                                           "have)" if several else " (the discordant pairs)")
+             + "; the difference in accuracy (percentage points) comes only from those. The 95 % interval is a "
+             "paired bootstrap over questions; p is the exact two-sided McNemar test of the discordant pairs"
+             + (" (with several seeds: the sign test of each question's averaged difference)" if several else "")
+             + ".", "",
+             "| Experiment | vs | n | seeds | this better | control better | ties | difference | 95% CI | McNemar p |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in pairs.iterrows():
-        lines.append(f"| {r['Experiment']} | {r['Control']} | {r['n']} | {r['Both right']} | {r['Only this right']} | "
-                     f"{r['Only control right']} | {100 * r['Difference']:+.1f} pp | {r['McNemar p']:.3g} |")
+        lines.append(f"| {r['Experiment']} | {r['Control']} | {r['n']} | {r['Seeds']} | {r['This better']} | "
+                     f"{r['Control better']} | {r['Ties']} | {100 * r['Difference']:+.1f} pp | "
+                     f"{100 * r['CI low']:+.1f} to {100 * r['CI high']:+.1f} | {r['McNemar p']:.3g} |")
     return "\n".join(lines) + "\n"
 
 
@@ -341,19 +452,28 @@ def markdown_table(df: pd.DataFrame, floatfmt: str = ".3f") -> str:
 
 
 STANDARD_COLUMNS = ["Experiment", "Accuracy", "# Questions Correct", "n", "CI low", "CI high",
-                    "Final answer stated", "Needs review"]
+                    "Final answer stated", "Needs review", "Read by fallback", "Looped", "Hit the cap"]
+SEED_COLUMNS = ["Seeds", "Seed mean", "Seed SD"]
 
 
 def table_markdown(table: pd.DataFrame, title: str | None = None, notes: list[str] | None = None) -> str:
-    """The accuracy table as Markdown, percentages with one decimal; extra columns (e.g. the KD
-    divergence) follow the standard ones with three decimals (blank where not measured)."""
-    extra = [c for c in table.columns if c not in STANDARD_COLUMNS]
-    head = ["Experiment", "Accuracy", "# Questions Correct", "n", "95% CI", "Final answer stated", "Needs review"] + extra
+    """The accuracy table as Markdown, percentages with one decimal; with several seeds one
+    'Across seeds' cell (mean ± SD over seeds, in percent); extra columns (e.g. the KD divergence)
+    follow with three decimals (blank where not measured)."""
+    seeds = all(c in table.columns for c in SEED_COLUMNS)
+    extra = [c for c in table.columns if c not in STANDARD_COLUMNS + SEED_COLUMNS]
+    head = (["Experiment", "Accuracy", "# Questions Correct", "n", "95% CI"] + (["Across seeds (mean ± SD)"] if seeds else [])
+            + ["Final answer stated", "Read by fallback", "Needs review", "Looped", "Hit the cap"] + extra)
     lines = ([f"# {title}", ""] if title else []) + ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    pct = lambda v: f"{100 * v:.1f}%"  # noqa: E731
     for _, r in table.iterrows():
-        cells = [str(r["Experiment"]), f"{100 * r['Accuracy']:.1f}%", str(r["# Questions Correct"]), str(r["n"]),
-                 f"{100 * r['CI low']:.1f}–{100 * r['CI high']:.1f}%", f"{100 * r['Final answer stated']:.1f}%",
-                 str(r["Needs review"])]
+        cells = [str(r["Experiment"]), pct(r["Accuracy"]), str(r["# Questions Correct"]), str(r["n"]),
+                 f"{100 * r['CI low']:.1f}–{100 * r['CI high']:.1f}%"]
+        if seeds:
+            cells.append(f"{100 * r['Seed mean']:.1f}% ± {100 * r['Seed SD']:.1f} ({r['Seeds']} seeds)"
+                         if r["Seeds"] > 1 else f"{100 * r['Seed mean']:.1f}% (one run)")
+        cells += [pct(r["Final answer stated"]), str(r["Read by fallback"]), str(r["Needs review"]),
+                  pct(r["Looped"]), pct(r["Hit the cap"])]
         cells += ["" if pd.isna(r[c]) else f"{r[c]:.3f}" for c in extra]
         lines.append("| " + " | ".join(cells) + " |")
     if notes:
@@ -385,7 +505,7 @@ def write_outputs(logs_dir: str | Path, scored: dict[str, pd.DataFrame], *, titl
     md = table_markdown(table, title, notes)
     write_text(logs_dir / "accuracy.md", md + ("\n" + pairs_markdown(pairs) if not pairs.empty else ""))
     review = [
-        {"experiment": name, **{k: row[k] for k in REVIEW_COLUMNS[1:-1]}, "answer": ""}
+        {"experiment": row.get("experiment", name), **{k: row[k] for k in REVIEW_COLUMNS[1:-1]}, "answer": ""}
         for name, df in scored.items() for _, row in df[df["needs_review"]].iterrows()
     ]
     write_text(logs_dir / "manual_review.csv", pd.DataFrame(review, columns=REVIEW_COLUMNS).to_csv(index=False))

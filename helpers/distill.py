@@ -48,9 +48,13 @@ class Example:
     tail_logprobs: np.ndarray | None = None  # the teacher's log-mass outside its top-k, per target token
 
 
-def build_examples(records, tokenizer, store=None, *, max_length: int = 512) -> list[Example]:
+def build_examples(records, tokenizer, store=None, *, max_length: int = 512,
+                   unfinished: str = "keep") -> list[Example]:
     """Student examples for ``records``: KD targets from ``store`` (joined by id) or, without a
-    store, the reference solution followed by end-of-sequence. Too-long examples are cut."""
+    store, the reference solution followed by end-of-sequence. Too-long examples are cut.
+    ``unfinished="drop"`` leaves out teacher solutions that did not end at end-of-sequence."""
+    if unfinished not in ("keep", "drop"):
+        raise ValueError(f"unfinished={unfinished!r}: use 'keep' or 'drop'")
     add = add_special_tokens(tokenizer)
     if store is not None:
         store.check_tokenizer(tokenizer_fingerprint(tokenizer))
@@ -58,6 +62,11 @@ def build_examples(records, tokenizer, store=None, *, max_length: int = 512) -> 
         if missing:
             raise ValueError(f"{len(missing)} example(s) have no teacher record in {store.path}, "
                              f"e.g. {missing[:3]}: build the store for the same split and sizes")
+        if unfinished == "drop":
+            records = [r for r in records if store.get(r.id).finished]
+            if not records:
+                raise ValueError(f"no teacher solution in {store.path} finished, so teacher_unfinished='drop' leaves "
+                                 "nothing to train on: raise teacher_max_new_tokens or keep unfinished solutions")
     out = []
     for r in records:
         prompt = tokenizer(prompt_text(tokenizer, student_messages(r.question)), add_special_tokens=add).input_ids
@@ -284,16 +293,25 @@ def is_trained(adapter_dir: str | Path, settings: dict) -> bool:
     return True
 
 
+def adapter_dir(results_dir: str | Path, variant: str, seed: int | None = None) -> Path:
+    """Where a variant's adapter goes: ``adapters/<variant>``, or ``adapters/<variant>@seed<N>``
+    for one training seed of a profile with ``seeds``."""
+    return Path(results_dir) / "adapters" / (variant if seed is None else f"{variant}@seed{seed}")
+
+
 def run_variant(variant: str, variant_spec: dict, *, student: str, results_dir: str | Path, training: dict | None = None,
                 data_source: str = "gsm_symbolic", data_dir: str | None = None, n_train: int = 0,
-                n_validation: int = 0, n_test: int = 0, seed: int = 0, dtype: str = "auto",
-                device: str = "auto", progress: bool = True) -> Path:
+                n_validation: int = 0, n_test: int = 0, seed: int = 0, train_seed: int | None = None,
+                unfinished: str = "keep", dtype: str = "auto", device: str = "auto", progress: bool = True) -> Path:
     """Train one variant of a profile (notebook 02 and ``python -m helpers.distill`` call this).
 
     ``variant_spec``: ``strategy`` (whose teacher store to learn from; none for the fine-tuning
     control on reference solutions) plus any setting of ``DEFAULTS`` (loss, T, alpha, lr, ...),
-    which wins over ``training``. Skipped when the adapter exists with the same settings.
-    Returns the adapter folder ``results_dir/adapters/<variant>``.
+    which wins over ``training``. ``seed`` picks the data splits (and, by default, the training
+    seed); ``train_seed`` trains one seed of a profile's ``seeds`` (LoRA initialisation, dropout,
+    batch order) into its own folder. ``unfinished``: keep or drop teacher solutions that did not
+    finish. Skipped when the adapter exists with the same settings. Returns the adapter folder
+    (``adapter_dir``).
     """
     from accelerate import PartialState
 
@@ -307,6 +325,8 @@ def run_variant(variant: str, variant_spec: dict, *, student: str, results_dir: 
     spec = check_variant(variant, variant_spec, training=training)
     strategy = spec.pop("strategy", None)
     cfg = {**DEFAULTS, "seed": seed, **training, **spec}
+    if train_seed is not None:
+        cfg["seed"] = train_seed
     results_dir = Path(results_dir)
     splits = load_splits(data_source, n_train=n_train, n_validation=n_validation, n_test=n_test,
                          seed=seed, data_dir=data_dir)
@@ -314,8 +334,9 @@ def run_variant(variant: str, variant_spec: dict, *, student: str, results_dir: 
     for s, st in stores.items():
         if not st.complete:
             raise ValueError(f"teacher store {st.path} is incomplete: run notebooks/01_teacher_logits to the end")
-    out_dir = results_dir / "adapters" / variant
+    out_dir = adapter_dir(results_dir, variant, train_seed)
     settings = {"student": model_fingerprint(student), "strategy": strategy, "config": cfg, "dtype": dtype,
+                **({"unfinished": unfinished} if strategy and unfinished != "keep" else {}),
                 "stores": {s: st.manifest["settings"] for s, st in stores.items()},
                 "examples": {s: fingerprint([r.id for r in splits[s]]) for s in ("train", "validation")}}
     print(f"variant {variant}: strategy={strategy}, loss={cfg['loss']}, T={cfg['T']}, alpha={cfg['alpha']}, "
@@ -325,8 +346,10 @@ def run_variant(variant: str, variant_spec: dict, *, student: str, results_dir: 
         return out_dir
     state = PartialState()  # one process per device under `accelerate launch`
     model, tok = load_model(student, dtype=dtype, device=str(state.device) if device == "auto" else device)
-    train_ex = build_examples(splits["train"], tok, stores.get("train"), max_length=cfg["max_length"])
-    val_ex = build_examples(splits["validation"], tok, stores.get("validation"), max_length=cfg["max_length"])
+    train_ex = build_examples(splits["train"], tok, stores.get("train"), max_length=cfg["max_length"],
+                              unfinished=unfinished)
+    val_ex = build_examples(splits["validation"], tok, stores.get("validation"), max_length=cfg["max_length"],
+                            unfinished=unfinished)
     print(f"{len(train_ex)} training examples, {sum(len(e.input_ids) - e.n_prompt for e in train_ex)} target tokens; "
           f"{len(val_ex)} validation examples", flush=True)
     peft_model, history = train(model, tok, train_ex, val_ex, cfg, progress=progress, name=variant)
@@ -349,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default="quick", help="name in configs/ or a path to a YAML profile")
     ap.add_argument("--variant", required=True, help="a key of the profile's variants")
     ap.add_argument("--root", default=".", help="where results/ lives (default: the current directory)")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="one training seed (default: each of the profile's seeds, or its seed)")
     args = ap.parse_args(argv)
     try:
         cfg = load_profile(args.profile)
@@ -356,10 +381,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.variant not in (p.get("variants") or {}):
             raise ValueError(f"variant {args.variant!r} is not in {cfg['path']}; variants: "
                              f"{', '.join(p.get('variants') or {})}")
-        run_variant(args.variant, p["variants"][args.variant], student=p["student"], training=p.get("training"),
-                    results_dir=Path(args.root) / "results" / cfg["run"], data_source=p.get("data_source", "gsm_symbolic"),
-                    data_dir=p.get("data_dir"), n_train=p.get("n_train", 0), n_validation=p.get("n_validation", 0),
-                    n_test=p.get("n_test", 0), seed=p.get("seed", 0), dtype=p.get("dtype", "auto"))
+        for train_seed in [args.seed] if args.seed is not None else (p.get("seeds") or [None]):
+            run_variant(args.variant, p["variants"][args.variant], student=p["student"], training=p.get("training"),
+                        results_dir=Path(args.root) / "results" / cfg["run"],
+                        data_source=p.get("data_source", "gsm_symbolic"), data_dir=p.get("data_dir"),
+                        n_train=p.get("n_train", 0), n_validation=p.get("n_validation", 0), n_test=p.get("n_test", 0),
+                        seed=p.get("seed", 0), train_seed=train_seed, unfinished=p.get("teacher_unfinished", "keep"),
+                        dtype=p.get("dtype", "auto"))
     except (ValueError, FileNotFoundError, TrainingDiverged) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 1

@@ -55,6 +55,7 @@ class TeacherRecord:
     topk_logprobs: np.ndarray   # [n, k]
     token_logprobs: np.ndarray  # [n]
     tail_logprobs: np.ndarray   # [n]  log-mass outside the top-k (fp32; -inf when k covers the vocabulary)
+    stop: str = "eos"           # why generation ended: eos (finished), loop (repetition stopped) or cap
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -81,7 +82,8 @@ def write_shard(path: str | Path, rows: list[dict], before_rename: Callable[[Pat
         "tail_logprobs": np.concatenate([np.asarray(r["tail_logprobs"], np.float32) for r in rows]),
         "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
     }
-    meta = {"index": json.dumps([{"id": r["id"], "response": r["response"], "finished": bool(r["finished"])}
+    meta = {"index": json.dumps([{"id": r["id"], "response": r["response"], "finished": bool(r["finished"]),
+                                  "stop": r.get("stop") or ("eos" if r["finished"] else "cap")}
                                  for r in rows], ensure_ascii=False)}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
@@ -183,7 +185,8 @@ class LogitStore:
         s, j = self._where[rid]
         arrays, row = self._shard(s), self._index[s][j]
         a, b = arrays["offsets"][j], arrays["offsets"][j + 1]
-        return TeacherRecord(rid, row["response"], row["finished"], *(arrays[f][a:b] for f in FIELDS))
+        return TeacherRecord(rid, row["response"], row["finished"], *(arrays[f][a:b] for f in FIELDS),
+                             stop=row.get("stop") or ("eos" if row["finished"] else "cap"))
 
     def tokens(self) -> int:
         return int(sum(self._shard(s)["offsets"][-1] for s in range(len(self._index))))

@@ -33,6 +33,7 @@ DTYPES = ("auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32")
 DATA_SOURCES = ("gsm_symbolic", "gsm8k", "gsm8k-socratic")
 EXTRACT_MODES = ("robust", "seed")
 OPTIMIZERS = ("sgd", "adamw")
+UNFINISHED = ("keep", "drop")
 REFERENCE_SUFFIX = "@reference"
 CONTROL_ROW = "no-distillation"  # the assessment's name for the untouched student
 
@@ -240,7 +241,17 @@ PARAMS: dict[str, Setting] = {s.name: s for s in [
     _s("teacher_temperature", Num(float, 0, lo_open=True), "teacher sampling temperature", read_by=("01",)),
     _s("teacher_top_p", Num(float, 0, 1, lo_open=True), "teacher nucleus sampling mass", read_by=("01",)),
     _s("shard_size", _SIZE, "questions per teacher-store shard", read_by=("01",)),
+    _s("teacher_unfinished", Choice(UNFINISHED),
+       "teacher solutions that did not end at end-of-sequence (stopped in a loop or at teacher_max_new_tokens): "
+       "keep them for training (their tokens still carry the teacher's distributions) or drop them",
+       read_by=("01", "02")),
+    _s("stop_loops", Flag(), "stop a teacher solution or a test response that repeats one to four lines three times "
+       "in a row (numbers aside, or one token block exactly); counted as 'looped', apart from finished and cut",
+       read_by=("01", "03")),
     # distillation (02)
+    _s("seeds", ListOf(Num(int, 0), 1), "training seeds: every variant is trained and assessed once per seed, and "
+       "the tables give the mean and spread across seeds beside the pooled CI (null: one training, seed 'seed')",
+       optional=True, read_by=("02", "03")),
     _s("training", Mapping("a mapping of training settings (see 'Training settings')"),
        "training settings shared by every variant; a variant's own keys win", read_by=("02",)),
     _s("variants", Mapping("a mapping of variant name to its row"),

@@ -11,16 +11,22 @@ Two modes:
 - ``score``: teacher forcing of a given text (a reference solution), one forward pass per batch,
   the same quantities at every position of the text.
 
+Generation can stop a row that has fallen into a repetition loop (``stop_loops``, see
+``LoopStop``): small models decoding greedily often repeat one or a few lines for ever, and a
+batch otherwise runs until its longest row hits ``max_new_tokens``. Every generated row says why
+it ended: ``stop`` is ``"eos"`` (finished), ``"loop"`` or ``"cap"``.
+
 ``build_store`` runs either mode over a list of records and writes a ``logit_store``; resuming
 it removes leftover temporary files, verifies the shards already written (size and sha256 from
 the manifest) and rebuilds damaged ones.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria
 
 from . import __version__
 from .artifacts import file_problem, file_record, fingerprint, read_manifest, write_manifest
@@ -76,6 +82,64 @@ class TopKCapture(LogitsProcessor):
                 "token_logprobs": torch.stack(self.taken_logprobs, 1).float().cpu()}
 
 
+_DIGITS = re.compile(r"\d+(?:[.,]\d+)*")
+
+
+def repetition_loop(text: str, *, repeats: int = 3, max_period: int = 4, min_words: int = 6) -> bool:
+    """True when the last complete lines of ``text`` repeat a block of 1..``max_period`` lines
+    ``repeats`` times in a row, numbers ignored ("the total is 4 + 2 = 6." then "... 6 + 2 = 8.")
+    and blank lines skipped; the block must hold at least ``min_words`` words, so short list items
+    or a repeated heading do not count. A line still being written is not looked at."""
+    lines = [_DIGITS.sub("#", line.strip()) for line in text.split("\n")[:-1] if line.strip()]
+    for period in range(1, max_period + 1):
+        tail = lines[-repeats * period:]
+        if len(tail) < repeats * period or sum(len(line.split()) for line in tail[:period]) < min_words:
+            continue
+        if all(tail[i] == tail[i + period] for i in range(len(tail) - period)):
+            return True
+    return False
+
+
+def token_loop(ids: list[int], *, repeats: int = 3, max_period: int = 64, min_length: int = 48) -> bool:
+    """True when the last max(``repeats``·p, ``min_length``) tokens are one block of p ≤ ``max_period``
+    tokens repeated exactly (a loop inside one line, e.g. "2 2 2 2 ...")."""
+    n = len(ids)
+    for period in range(1, max_period + 1):
+        length = max(repeats * period, min_length)
+        if n < length:
+            break
+        tail = ids[n - length:]
+        if tail[period:] == tail[:-period]:
+            return True
+    return False
+
+
+class LoopStop(StoppingCriteria):
+    """Stops each row of a batch that has fallen into a repetition loop (``repetition_loop`` on its
+    text or ``token_loop`` on its tokens), looked at every ``every`` new tokens; ``stopped_at[b]`` is
+    the number of new tokens row b had when it was stopped (its text up to there is kept)."""
+
+    def __init__(self, tokenizer, prompt_length: int, eos: list[int], every: int = 8):
+        self.tokenizer, self.prompt_length, self.every = tokenizer, prompt_length, every
+        self.eos = set(eos)
+        self.stopped_at: dict[int, int] = {}
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        n = input_ids.shape[1] - self.prompt_length
+        stop = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for b in self.stopped_at:
+            stop[b] = True
+        if n == 0 or n % self.every:
+            return stop
+        for b, seq in enumerate(input_ids[:, self.prompt_length:].tolist()):
+            if b in self.stopped_at or self.eos.intersection(seq):
+                continue
+            if token_loop(seq) or repetition_loop(self.tokenizer.decode(seq, skip_special_tokens=True)):
+                self.stopped_at[b] = n
+                stop[b] = True
+        return stop
+
+
 def _eos_ids(model, tokenizer) -> list[int]:
     eos = model.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [])
@@ -86,12 +150,14 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 def generate_with_capture(model, tokenizer, prompts: list[str], *, k: int = 64, max_new_tokens: int = 256,
                           do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                          capture: bool = True) -> list[dict]:
+                          capture: bool = True, stop_loops: bool = False) -> list[dict]:
     """One batch: generate and (if ``capture``) record top-k log-probs at every new token.
 
-    Each row: ``token_ids`` (up to and including end-of-sequence), ``response``, ``finished``, and
-    with capture ``topk_ids`` [n, k], ``topk_logprobs`` [n, k], ``tail_logprobs`` [n], ``token_logprobs`` [n].
-    ``capture=False`` is plain ``generate`` on the same inputs (the benchmark's reference).
+    Each row: ``token_ids`` (up to and including end-of-sequence), ``response``, ``finished``,
+    ``stop`` (``eos``, ``loop`` or ``cap``) and with capture ``topk_ids`` [n, k], ``topk_logprobs``
+    [n, k], ``tail_logprobs`` [n], ``token_logprobs`` [n]. ``stop_loops`` ends a row that repeats
+    itself (``LoopStop``). ``capture=False`` is plain ``generate`` on the same inputs (the
+    benchmark's reference).
     """
     eos = _eos_ids(model, tokenizer)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample,
@@ -100,16 +166,21 @@ def generate_with_capture(model, tokenizer, prompts: list[str], *, k: int = 64, 
     enc = tokenizer(prompts, return_tensors="pt", padding=True,
                     add_special_tokens=add_special_tokens(tokenizer)).to(model.device)
     proc = TopKCapture(min(k, model.config.get_text_config().vocab_size)) if capture else None
+    loops = LoopStop(tokenizer, enc["input_ids"].shape[1], eos) if stop_loops else None
     with torch.inference_mode():
         out = model.generate(**enc, generation_config=config,
-                             logits_processor=LogitsProcessorList([proc] if proc else []))
+                             logits_processor=LogitsProcessorList([proc] if proc else []),
+                             **({"stopping_criteria": [loops]} if loops else {}))
     new = out[:, enc["input_ids"].shape[1]:]
     cap = proc.finish(new) if proc else None
     new = new.cpu()
     rows = []
     for b, seq in enumerate(new.tolist()):
+        looped = loops.stopped_at.get(b) if loops else None
+        seq = seq[:looped] if looped else seq  # after a loop stop the row holds padding (often = eos)
         n = next((j + 1 for j, t in enumerate(seq) if t in eos), len(seq))
-        row = {"token_ids": seq[:n], "finished": n < len(seq) or seq[n - 1] in eos,
+        stop = "eos" if seq and seq[n - 1] in eos else "loop" if looped else "cap"
+        row = {"token_ids": seq[:n], "finished": stop == "eos", "stop": stop,
                "response": tokenizer.decode(seq[:n], skip_special_tokens=True).strip()}
         if cap is not None:
             row.update({key: v[b, :n].numpy() for key, v in cap.items()})
@@ -153,7 +224,7 @@ def score_with_capture(model, tokenizer, prompts: list[str], texts: list[str], *
 def build_store(out_dir: str | Path, records, *, teacher: str, strategy: str, mode: str = "generate",
                 k: int = 64, max_new_tokens: int = 256, do_sample: bool = False, temperature: float = 1.0,
                 top_p: float = 1.0, seed: int = 0, batch_size: int = 8, shard_size: int = 64,
-                templates: dict | None = None, dtype: str = "auto", device: str = "auto",
+                stop_loops: bool = False, templates: dict | None = None, dtype: str = "auto", device: str = "auto",
                 loaded=None, progress: bool = True, stop_after_shards: int | None = None) -> LogitStore:
     """Teacher outputs for ``records`` under ``strategy``, written as a sharded store in ``out_dir``.
 
@@ -175,7 +246,8 @@ def build_store(out_dir: str | Path, records, *, teacher: str, strategy: str, mo
     settings = {"format": STORE_FORMAT, "teacher": model_fingerprint(teacher), "tokenizer": tokenizer_fingerprint(tok),
                 "strategy": strategy, "mode": mode, "k": k, "template": _template(strategy, templates),
                 "decoding": {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
-                             "temperature": temperature, "top_p": top_p, "seed": seed} if mode == "generate" else None,
+                             "temperature": temperature, "top_p": top_p, "seed": seed,
+                             "stop_loops": stop_loops} if mode == "generate" else None,
                 "batch_size": batch_size, "shard_size": shard_size,
                 "examples": fingerprint([r.id for r in records])}
     n_shards = (len(records) + shard_size - 1) // shard_size
@@ -217,7 +289,8 @@ def build_store(out_dir: str | Path, records, *, teacher: str, strategy: str, mo
                        for r in batch]
             if mode == "generate":
                 out = generate_with_capture(model, tok, prompts, k=k, max_new_tokens=max_new_tokens,
-                                            do_sample=do_sample, temperature=temperature, top_p=top_p)
+                                            do_sample=do_sample, temperature=temperature, top_p=top_p,
+                                            stop_loops=stop_loops)
             else:
                 out = score_with_capture(model, tok, prompts, [plain_solution(r.solution) for r in batch], k=k)
             rows += [{"id": r.id, **o} for r, o in zip(batch, out)]
@@ -266,16 +339,22 @@ def store_dir(results_dir: str | Path, strategy_entry: str, split: str) -> Path:
     return Path(results_dir) / "teacher" / strategy_entry / split
 
 
-def store_summary(store: LogitStore, records, extract_mode: str = "robust") -> dict:
-    """One table row about a store: size, response lengths, and the teacher's own accuracy."""
+def store_summary(store: LogitStore, records, extract_mode: str = "robust", unfinished: str = "keep") -> dict:
+    """One table row about a store: size, response lengths, how the responses ended (finished at
+    end-of-sequence, stopped in a repetition loop, cut at the token cap), the teacher's own
+    accuracy, and how many examples training uses (``unfinished="drop"`` leaves out all but the
+    finished ones)."""
     from .assess import is_correct
     from .extract import extract_answer
 
     recs = [r for r in records if r.id in store]
-    lengths = [len(store.get(r.id)) for r in recs]
-    correct = [is_correct(extract_answer(store.get(r.id).response, extract_mode), r.answer) for r in recs]
-    finished = [store.get(r.id).finished for r in recs]
+    got = [store.get(r.id) for r in recs]
+    lengths = [len(t) for t in got]
+    correct = [is_correct(extract_answer(t.response, extract_mode), r.answer) for t, r in zip(got, recs)]
     n = max(1, len(recs))
+    share = lambda why: sum(t.stop == why for t in got) / n  # noqa: E731
     return {"examples": len(recs), "tokens": sum(lengths), "mean tokens": sum(lengths) / n,
-            "finished": sum(finished) / n, "teacher accuracy": sum(correct) / n,
+            "finished": share("eos"), "looped": share("loop"), "hit the cap": share("cap"),
+            "teacher accuracy": sum(correct) / n,
+            "used for training": sum(1 for t in got if unfinished == "keep" or t.finished),
             "bytes/token": round(store.bytes_per_token(), 1)}

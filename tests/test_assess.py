@@ -1,3 +1,4 @@
+import numpy as np
 import json
 
 import pandas as pd
@@ -107,9 +108,10 @@ def test_generation_cache_resumes_and_invalidates(loaded, tiny_dir, tmp_path):
         assess.generate_responses("exp", spec, RECORDS, tmp_path, loaded=(counting, tok), beams=3)
 
 
-def _responses(texts):
-    return pd.DataFrame([{"id": r.id, "response": t, "n_tokens": 5, "finished": True}
-                         for r, t in zip(RECORDS, texts)])
+def _responses(texts, stops=None):
+    stops = stops or ["eos"] * len(texts)
+    return pd.DataFrame([{"id": r.id, "response": t, "n_tokens": 5, "finished": stop == "eos", "stop": stop}
+                         for r, t, stop in zip(RECORDS, texts, stops)])
 
 
 TEXTS = ["3 + 4 = 7\n#### 7", "The answer is 6.", "April 48, May 24.", "no idea", "\\boxed{10} so #### 11"]
@@ -181,7 +183,7 @@ def test_wilson_interval(k, n, lo, hi):
 
 
 def test_tables_and_files(tmp_path):
-    scored = {"control": assess.score("control", RECORDS, _responses(TEXTS)),
+    scored = {"control": assess.score("control", RECORDS, _responses(TEXTS, ["eos", "eos", "loop", "cap", "cap"])),
               "other": assess.score("other", RECORDS, _responses(["#### 7"] * 5))}
     table = assess.write_outputs(tmp_path, scored, title="Accuracy: t", notes=["a note"])
     assert list(table["Experiment"]) == ["control", "other"]
@@ -190,7 +192,10 @@ def test_tables_and_files(tmp_path):
     assert table["Final answer stated"][0] == pytest.approx(3 / 5)
     md = (tmp_path / "accuracy.md").read_text()
     assert "| Experiment | Accuracy | # Questions Correct | n | 95% CI |" in md
-    assert "| control | 40.0% | 2 | 5 | 11.8–76.9% | 60.0% | 2 |" in md and "- a note" in md
+    assert "| Final answer stated | Read by fallback | Needs review | Looped | Hit the cap |" in md
+    # 'April 48, May 24.' is read by the last-number fallback; one response looped, two hit the cap
+    assert "| control | 40.0% | 2 | 5 | 11.8–76.9% | 60.0% | 1 | 2 | 20.0% | 40.0% |" in md and "- a note" in md
+    assert list(table["Read by fallback"]) == [1, 0] and "Seeds" not in table
     assert pd.read_csv(tmp_path / "accuracy.csv")["# Questions Correct"].tolist() == [2, 1]
     per_q = pd.read_csv(tmp_path / "per_question" / "control.csv")
     assert {"question", "gold", "response", "extracted", "rule", "correct"} <= set(per_q.columns)
@@ -214,13 +219,85 @@ def test_paired_comparisons_join_by_id_and_write_a_section(tmp_path):
     pairs = assess.paired_comparisons(scored, ["no-distillation", "fine-tuning"])
     assert len(pairs) == 1
     row = pairs.iloc[0]
-    assert (row["Experiment"], row["Control"], row["n"], row["Both right"], row["Only this right"],
-            row["Only control right"]) == ("kd", "no-distillation", 5, 1, 3, 1)
+    assert (row["Experiment"], row["Control"], row["n"], row["Seeds"], row["This better"], row["Control better"],
+            row["Ties"]) == ("kd", "no-distillation", 5, 1, 3, 1, 1)
     assert row["Difference"] == pytest.approx(2 / 5) and row["McNemar p"] == pytest.approx(0.625)
+    assert -1 <= row["CI low"] <= 2 / 5 <= row["CI high"] <= 1
     assess.write_outputs(tmp_path, scored, controls=["no-distillation", "fine-tuning"])
     md = (tmp_path / "accuracy.md").read_text()
-    assert "## Paired comparisons" in md and "| kd | no-distillation | 5 | 1 | 3 | 1 | +40.0 pp | 0.625 |" in md
-    assert pd.read_csv(tmp_path / "accuracy_pairs.csv")["Only this right"].tolist() == [3]
+    assert "## Paired comparisons" in md and "| kd | no-distillation | 5 | 1 | 3 | 1 | 1 | +40.0 pp |" in md
+    assert "| 0.625 |" in md
+    assert pd.read_csv(tmp_path / "accuracy_pairs.csv")["This better"].tolist() == [3]
+
+
+def _scored_seeds(pattern_by_seed):
+    """Pooled scored frame; ``pattern_by_seed[s]`` lists which question indexes are right."""
+    right = lambda r: f"#### {r.answer:g}"  # noqa: E731
+    per = {s: assess.score("no-distillation" if s is None else f"kd@seed{s}", RECORDS, _responses([right(r) if i in good else "no idea"
+                                                                for i, r in enumerate(RECORDS)]))
+           for s, good in pattern_by_seed.items()}
+    return assess.pool_seeds(per)
+
+
+def test_seeds_pool_into_one_row_with_mean_and_spread(tmp_path):
+    scored = {"no-distillation": _scored_seeds({None: [0]}),
+              "kd": _scored_seeds({0: [0, 1], 1: [0, 1, 2, 3], 2: [0]})}
+    table = assess.accuracy_table(scored)
+    kd = table.set_index("Experiment").loc["kd"]
+    assert kd["n"] == 15 and kd["# Questions Correct"] == 7 and kd["Seeds"] == 3
+    assert kd["Seed mean"] == pytest.approx(7 / 15)
+    assert kd["Seed SD"] == pytest.approx(float(np.std([0.4, 0.8, 0.2], ddof=1)))
+    control = table.set_index("Experiment").loc["no-distillation"]
+    assert control["Seeds"] == 1 and control["n"] == 5 and np.isnan(control["Seed SD"])
+    md = assess.table_markdown(table)
+    assert "Across seeds (mean ± SD)" in md and "46.7% ± 30.6 (3 seeds)" in md and "20.0% (one run)" in md
+    assess.write_outputs(tmp_path, scored, controls=["no-distillation"])
+    review = pd.read_csv(tmp_path / "manual_review.csv")
+    # each response to review names the model (seed) it came from, as overrides.csv must
+    assert set(review["experiment"]) == {"kd@seed0", "kd@seed1", "kd@seed2", "no-distillation"}
+
+
+def test_paired_comparison_with_seeds_averages_each_question_over_seeds():
+    """Per question the variant's correctness is averaged over its seeds; the untrained control
+    pairs with every seed. Signs: q0 tie (1 vs 1), q1 +2/3, q2 +1/3, q3 +1/3, q4 tie (0 vs 0)."""
+    scored = {"no-distillation": _scored_seeds({None: [0]}),
+              "kd": _scored_seeds({0: [0, 1], 1: [0, 1, 2, 3], 2: [0]})}
+    row = assess.paired_comparisons(scored, ["no-distillation"]).iloc[0]
+    assert (row["Seeds"], row["This better"], row["Control better"], row["Ties"]) == (3, 3, 0, 2)
+    assert row["Difference"] == pytest.approx((2 / 3 + 1 / 3 + 1 / 3) / 5)
+    assert row["McNemar p"] == pytest.approx(assess.mcnemar_exact(3, 0)) == pytest.approx(0.25)
+    # two seeded rows pair seed by seed: only the seeds both have count
+    scored["fine-tuning"] = _scored_seeds({0: [0, 1], 1: [0, 1, 2, 3]})
+    ft = assess.paired_comparisons(scored, ["fine-tuning"]).set_index("Experiment").loc["kd"]
+    assert ft["Seeds"] == 2 and ft["Difference"] == pytest.approx(0.0) and ft["This better"] == 0
+
+
+def test_one_seed_pairs_equal_mcnemar_on_discordant_pairs():
+    a, b = _scored_seeds({0: [0, 1, 2]}), _scored_seeds({0: [2, 3]})
+    row = assess.paired_comparisons({"ctl": b, "x": a}, ["ctl"]).iloc[0]
+    assert (row["This better"], row["Control better"], row["Ties"]) == (2, 1, 2)
+    assert row["McNemar p"] == pytest.approx(assess.mcnemar_exact(2, 1))
+
+
+def test_paired_bootstrap_interval():
+    assert assess.paired_bootstrap([0.0] * 20) == (0.0, 0.0)
+    assert assess.paired_bootstrap([1.0] * 7) == (1.0, 1.0)
+    d = [1, 0, 0, -1, 1, 1, 0, 0, 1, 0] * 5
+    lo, hi = assess.paired_bootstrap(d)
+    assert lo < np.mean(d) < hi and assess.paired_bootstrap(d) == (lo, hi)  # reproducible
+    # close to the normal interval for a mean of 50 values
+    half = 1.96 * np.std(d, ddof=1) / np.sqrt(len(d))
+    assert lo == pytest.approx(np.mean(d) - half, abs=0.03) and hi == pytest.approx(np.mean(d) + half, abs=0.03)
+
+
+def test_calibration_error_by_hand():
+    conf = [0.02, 0.06, 0.50, 0.52, 0.99, 1.0]
+    hit = [0, 1, 1, 0, 1, 1]
+    # 15 bins: 0.02 and 0.06 share bin 0 (< 1/15), 0.50 and 0.52 bin 7, 0.99 and 1.0 the top bin
+    want = (2 * abs(0.5 - 0.04) + 2 * abs(0.5 - 0.51) + 2 * abs(1.0 - 0.995)) / 6
+    assert assess.calibration_error(conf, hit) == pytest.approx(want, abs=1e-12)
+    assert assess.calibration_error([0.3] * 10, [1, 1, 1, 0, 0, 0, 0, 0, 0, 0]) == pytest.approx(0.0, abs=1e-12)
+    assert assess.calibration_error([1.0, 1.0], [0, 0]) == pytest.approx(1.0)
 
 
 def test_accuracy_plot(tmp_path):
@@ -229,3 +306,30 @@ def test_accuracy_plot(tmp_path):
     table = assess.accuracy_table({"a": assess.score("a", RECORDS, _responses(TEXTS))})
     plots.accuracy_bars(table, tmp_path / "acc.png")
     assert (tmp_path / "acc.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_teacher_text_metrics_match_a_per_example_reference(tiny_dir, tmp_path):
+    """KD divergence and token ECE from padded batches equal a reference built one example at a
+    time from the full softmax."""
+    import torch
+
+    from helpers import distill, models, teacher
+
+    model, tok = models.load_model(tiny_dir, dtype="fp32")
+    store = teacher.build_store(tmp_path, RECORDS, teacher=tiny_dir, strategy="teacher", k=8, max_new_tokens=12,
+                                batch_size=5, shard_size=5, loaded=(model, tok), progress=False)
+    got = assess.teacher_text_metrics(model, tok, store, RECORDS, batch_size=3)
+    conf, hit, kd, count = [], [], 0.0, 0
+    cfg = {"loss": "forward_kl", "T": 1.0, "alpha": 1.0, "beta": 0.5}
+    with torch.no_grad():
+        for ex in distill.build_examples(RECORDS, tok, store):
+            batch = distill.collate([ex], tok.pad_token_id)
+            _, parts, n = distill.batch_loss(model, batch, cfg)
+            kd, count = kd + parts["kd"] * n.item(), count + n.item()
+            probs = torch.softmax(model(input_ids=batch["input_ids"]).logits[0, :-1].double(), -1)
+            rows = batch["mask"][0].bool()
+            conf += probs.max(-1).values[rows].tolist()
+            hit += (probs.argmax(-1) == batch["targets"][0])[rows].tolist()
+    assert got["kd"] == pytest.approx(kd / count, rel=1e-5)
+    assert got["ece"] == pytest.approx(assess.calibration_error(conf, hit), abs=1e-5)
+    assert 0 < got["ece"] < 1 and len(conf) == count

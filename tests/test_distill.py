@@ -196,3 +196,40 @@ def test_damaged_or_non_finite_adapters_are_refused(tiny_dir, tmp_path, capsys):
     (out / "manifest.json").unlink()  # no record to compare with: the weights themselves are checked
     with pytest.raises(ValueError, match=r"adapter '.*ft' has non-finite weights \(1 of \d+ values"):
         models.load_model(tiny_dir, adapter=str(out), dtype="fp32")
+
+
+def test_unfinished_teacher_solutions_are_kept_or_dropped(loaded, tiny_dir, tmp_path):
+    """The store says how each solution ended; 'drop' trains only on the finished ones, and says
+    so when none is left."""
+    model, tok = loaded
+    st = teacher.build_store(tmp_path / "s", RECORDS, teacher=tiny_dir, strategy="base", k=8, max_new_tokens=64,
+                             batch_size=6, shard_size=6, stop_loops=True, loaded=loaded, progress=False)
+    got = {r.id: st.get(r.id) for r in RECORDS}
+    assert all(t.finished == (t.stop == "eos") and t.stop in ("eos", "loop", "cap") for t in got.values())
+    kept = distill.build_examples(RECORDS, tok, st)
+    assert [e.id for e in kept] == [r.id for r in RECORDS]
+    finished = [rid for rid, t in got.items() if t.finished]
+    if finished:
+        assert [e.id for e in distill.build_examples(RECORDS, tok, st, unfinished="drop")] == finished
+    unfinished = [r for r in RECORDS if not got[r.id].finished]
+    assert unfinished, "the untrained tiny teacher should leave some solutions unfinished"
+    with pytest.raises(ValueError, match="teacher_unfinished='drop' leaves nothing to train on"):
+        distill.build_examples(unfinished, tok, st, unfinished="drop")
+    summary = teacher.store_summary(st, RECORDS, unfinished="drop")
+    assert summary["used for training"] == len(finished)
+    assert summary["finished"] + summary["looped"] + summary["hit the cap"] == pytest.approx(1.0)
+
+
+def test_each_training_seed_gets_its_own_adapter(tiny_dir, tmp_path):
+    kw = dict(student=tiny_dir, results_dir=tmp_path, training={"epochs": 1, "batch_size": 2}, n_train=4,
+              n_validation=2, n_test=2, dtype="fp32", progress=False)
+    one = distill.run_variant("ft", {"loss": "ce", "lr": 0.05}, train_seed=1, **kw)
+    two = distill.run_variant("ft", {"loss": "ce", "lr": 0.05}, train_seed=2, **kw)
+    assert (one, two) == (tmp_path / "adapters" / "ft@seed1", tmp_path / "adapters" / "ft@seed2")
+    from safetensors.torch import load_file
+
+    from helpers.artifacts import read_manifest
+
+    assert [read_manifest(d)["settings"]["config"]["seed"] for d in (one, two)] == [1, 2]
+    a, b = load_file(one / "adapter_model.safetensors"), load_file(two / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)  # another initialisation

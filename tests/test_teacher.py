@@ -215,3 +215,68 @@ def test_old_format_store_is_refused_and_rebuilt(loaded, tiny_dir, tmp_path):
     assert str(store_dir) in str(err.value) and "re-run notebooks/01_teacher_logits" in str(err.value)
     store = teacher.build_store(store_dir, RECORDS[:2], **_kw(loaded, tiny_dir))
     assert store.manifest["settings"]["format"] == STORE_FORMAT and np.isfinite(store.get("r0").tail_logprobs).all()
+
+
+@pytest.mark.parametrize("text", [
+    "Step 1: 3 + 4 = 7.\n" + "The total amount of money earned is 12 * 18 = 216.\n\n" * 3,
+    "Start.\n" + "".join(f"The total cost of the fee is ${i} + $12 = ${i + 12}.\n" for i in range(0, 48, 12)),
+    "Intro line here.\n" + "He has 4 eggs and she has 5 eggs now.\nSo together they have 9 eggs in all.\n" * 3,
+])
+def test_repetition_loop_is_seen_numbers_aside(text):
+    assert teacher.repetition_loop(text)
+
+
+@pytest.mark.parametrize("text", [
+    "The total is 12 * 18 = 216 dollars in all.\n" * 2,                      # two repeats only
+    "- 5 eggs\n- 6 eggs\n- 7 eggs\n- 8 eggs\n",                              # short list items
+    "Janet has 16 eggs.\nShe eats 3 for breakfast.\nShe bakes with 4.\nShe sells the rest: 9.\n",
+    "The total amount of money earned is 216 so far.\n" * 2 + "The total amount of money earned is 2",  # last line unfinished
+    "",
+])
+def test_repetition_loop_leaves_ordinary_text_alone(text):
+    assert not teacher.repetition_loop(text)
+
+
+def test_token_loop_needs_an_exact_block_repeated():
+    assert teacher.token_loop([5, 6, 7] * 16) and teacher.token_loop([9] * 48)
+    assert not teacher.token_loop([9] * 47)                                   # shorter than min_length
+    assert not teacher.token_loop(list(range(200)))
+    assert not teacher.token_loop([1, 2, 3] * 15 + [1, 2, 4])
+
+
+class _Decoder:
+    """A stand-in tokenizer: token i decodes to word i, token 0 to a newline."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join("\n" if i == 0 else f"w{i} " for i in ids)
+
+
+def test_loop_stop_stops_only_the_looping_rows():
+    prompt = [[1, 2], [1, 2], [1, 2]]
+    loop = ([3, 4, 5, 6, 7, 8, 0] * 8)[:48]             # one 6-word line again and again
+    plain = list(range(10, 58))                            # never repeats
+    ended = [11, 99] + [99] * 46                           # eos (99) already written
+    stop = teacher.LoopStop(_Decoder(), prompt_length=2, eos=[99], every=8)
+    ids = torch.tensor([p + s for p, s in zip(prompt, [loop, plain, ended])])
+    assert stop(ids[:, :-1], None).tolist() == [False, False, False]  # 47 new tokens: not a multiple of 8
+    assert stop(ids, None).tolist() == [True, False, False] and stop.stopped_at == {0: 48}
+    assert stop(torch.cat([ids, ids[:, -1:]], 1), None).tolist() == [True, False, False]  # stays stopped
+
+
+def test_stopping_loops_only_shortens_rows(loaded):
+    """With ``stop_loops`` each row is a prefix of the row generated without it; a row cut short
+    is one the detector calls a loop, and every row says why it ended."""
+    model, tok = loaded
+    plain = teacher.generate_with_capture(model, tok, _prompts(tok), k=4, max_new_tokens=96)
+    stopped = teacher.generate_with_capture(model, tok, _prompts(tok), k=4, max_new_tokens=96, stop_loops=True)
+    assert any(r["stop"] == "loop" for r in stopped)  # the untrained tiny model loops
+    for a, b in zip(plain, stopped):
+        assert a["token_ids"][:len(b["token_ids"])] == b["token_ids"]
+        assert b["stop"] in ("eos", "loop", "cap") and b["finished"] == (b["stop"] == "eos")
+        assert np.array_equal(a["topk_ids"][:len(b["token_ids"])], b["topk_ids"])
+        if b["stop"] == "loop":
+            ids = b["token_ids"]
+            assert teacher.token_loop(ids) or teacher.repetition_loop(tok.decode(ids, skip_special_tokens=True))
+            assert len(ids) % 8 == 0  # the detector looks every 8 new tokens
+        else:
+            assert b["token_ids"] == a["token_ids"] and b["stop"] == a["stop"]
