@@ -159,7 +159,20 @@ def test_each_runs_one_instance_per_variant(tmp_path):
         pipeline._instances({"name": "x", "each": "variants"}, {})
     plan = pipeline.stage_plan(pipeline.load_profile("quick"), tmp_path)
     assert [s["name"] for s in plan if s["name"].startswith("02_")] == [
-        "02_distill-fine-tuning", "02_distill-base-kd", "02_distill-teacher-kd", "02_distill-ground-truth-kd",
-        "02_distill-confidence-kd", "02_distill-gold-hint-kd"]
+        "02_distill-fine-tuning", "02_distill-base-kd", "02_distill-teacher-kd", "02_distill-gold-hint-kd"]
     # a variant's stage sees only its own spec, so editing one variant leaves the others done
     assert all("variants" not in s["params"] for s in plan if s["name"].startswith("02_"))
+
+
+def test_study_profile_is_sized_for_a_real_comparison(tmp_path):
+    """All seven rows, at least 500 test problems, three training seeds, both controls present."""
+    cfg = pipeline.load_profile("study")
+    p = cfg["params"]
+    assert p["n_test"] >= 500 and len(p["seeds"]) == 3
+    assert set(p["variants"]) == {"fine-tuning", "base-kd", "teacher-kd", "ground-truth-kd", "confidence-kd",
+                                  "gold-hint-kd"}  # + the no-distillation row of notebook 03
+    assert p["teacher"] != p["student"] and p["teacher_max_new_tokens"] >= 512
+    plan = pipeline.stage_plan(cfg, tmp_path)
+    assess_stage = next(s for s in plan if s["name"] == "03_assess")
+    assert assess_stage["params"]["seeds"] == [0, 1, 2]
+    assert all(s["params"]["seeds"] == [0, 1, 2] for s in plan if s["name"].startswith("02_distill-"))
