@@ -226,7 +226,8 @@ PARAMS: dict[str, Setting] = {s.name: s for s in [
     # models
     _s("teacher", Text(what="a model id, folder or embedded name"), "the teacher model", read_by=("01",)),
     _s("student", Text(what="a model id, folder or embedded name"), "the student model", read_by=("02", "03")),
-    _s("dtype", Choice(DTYPES), "weights' dtype (auto: bf16 on CPU and recent GPUs, fp16 on older GPUs)"),
+    _s("dtype", Choice(DTYPES), "weights' dtype (auto: bf16 on recent GPUs, fp16 on older ones; on a CPU bf16 only "
+       "where it is native (AVX512-BF16, AMX, Arm BF16), else fp32)"),
     _s("device", Text(r"auto|cpu|mps|cuda(:\d+)?", "auto, cpu, mps, cuda or cuda:N"), "where models run"),
     # teacher (01)
     _s("strategies", ListOf(Text(what="a strategy name, or name@reference")),
