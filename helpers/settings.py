@@ -27,8 +27,8 @@ import yaml
 
 from .artifacts import one_line
 
-LOSS_KINDS = ("forward_kl", "reverse_kl", "jsd", "ce")
-TEACHER_LOSSES = ("forward_kl", "reverse_kl", "jsd")
+LOSS_KINDS = ("forward_kl", "reverse_kl", "jsd", "tv", "ce")
+TEACHER_LOSSES = ("forward_kl", "reverse_kl", "jsd", "tv")
 DTYPES = ("auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32")
 DATA_SOURCES = ("gsm_symbolic", "gsm8k", "gsm8k-socratic")
 EXTRACT_MODES = ("robust", "seed")
@@ -294,7 +294,7 @@ def _t(name, type_, default, meaning):
 
 
 TRAINING: dict[str, Setting] = {s.name: s for s in [
-    _t("loss", Choice(LOSS_KINDS), "forward_kl", "the KD divergence (ce: cross-entropy alone)"),
+    _t("loss", Choice(LOSS_KINDS), "forward_kl", "the KD divergence (tv: total variation, 1 − a drafter's acceptance rate; ce: cross-entropy alone)"),
     _t("T", Num(float, 0, lo_open=True), 1.0, "temperature of both (k + 1)-way distributions"),
     _t("alpha", Num(float, 0, 1), 0.5, "KD weight: loss = alpha·T²·KD + (1 − alpha)·CE"),
     _t("beta", Num(float, 0, 1, lo_open=True, hi_open=True), 0.5, "JSD mixture weight β"),

@@ -113,12 +113,14 @@ def test_matches_float64_reference_of_the_one_fold_definition(setup, k, T):
     s, t, y, m = setup
     ids, lps, tail = sparse_with_tail(t, k)
     lp, lq = folds64(s, t, k, T)
-    refs = {"forward_kl": mean(ref_kl(lp, lq), m), "reverse_kl": mean(ref_kl(lq, lp), m)}
+    refs = {"forward_kl": mean(ref_kl(lp, lq), m), "reverse_kl": mean(ref_kl(lq, lp), m),
+            "tv": mean(0.5 * (lp.exp() - lq.exp()).abs().sum(-1), m)}
     for beta in (0.1, 0.5, 0.9):
         refs[f"jsd{beta}"] = mean(ref_jsd(lp, lq, beta), m)
     for given in (tail, None):
         got = {"forward_kl": losses.forward_kl(s, ids, lps, m, T, tail_logprobs=given),
-               "reverse_kl": losses.reverse_kl(s, ids, lps, m, T, tail_logprobs=given)}
+               "reverse_kl": losses.reverse_kl(s, ids, lps, m, T, tail_logprobs=given),
+               "tv": losses.total_variation(s, ids, lps, m, T, tail_logprobs=given)}
         for beta in (0.1, 0.5, 0.9):
             got[f"jsd{beta}"] = losses.jsd(s, ids, lps, m, T, beta, tail_logprobs=given)
         for name, ref in refs.items():
@@ -134,10 +136,11 @@ def equal_student_divergences(s, ids, lps, tail, m, T):
     """Every kind's KD value for student logits ``s`` (which require grad), with its gradient."""
     out = {}
     fns = {"forward_kl": lambda: losses.forward_kl(s, ids, lps, m, T, tail_logprobs=tail),
-           "reverse_kl": lambda: losses.reverse_kl(s, ids, lps, m, T, tail_logprobs=tail)}
+           "reverse_kl": lambda: losses.reverse_kl(s, ids, lps, m, T, tail_logprobs=tail),
+           "tv": lambda: losses.total_variation(s, ids, lps, m, T, tail_logprobs=tail)}
     for beta in (0.1, 0.5, 0.9):
         fns[f"jsd{beta}"] = lambda beta=beta: losses.jsd(s, ids, lps, m, T, beta, tail_logprobs=tail)
-    for kind in ("forward_kl", "reverse_kl", "jsd"):
+    for kind in ("forward_kl", "reverse_kl", "jsd", "tv"):
         fns[f"kd_loss {kind}"] = lambda kind=kind: losses.kd_loss(kind, s, m.long(), m, ids, lps, T=T, alpha=1.0,
                                                                   tail_logprobs=tail)[0] / (T * T)
     for name, fn in fns.items():
@@ -190,7 +193,7 @@ def test_gradients_flow_are_finite_and_filler_counts_nothing(setup, k):
     if k == V:
         tail[m == 1] = float("-inf")  # what the teacher stores when its ids cover the vocabulary
     s = s.clone().requires_grad_(True)
-    for kind in ("forward_kl", "reverse_kl", "jsd"):
+    for kind in ("forward_kl", "reverse_kl", "jsd", "tv"):
         for T in (0.5, 1.0, 2.0):
             for given in (tail, None):
                 s.grad = None

@@ -33,7 +33,7 @@ def _check(tmp_path, *sets, profile="smoke"):
     ("variants={a: {strategy: base, loss: jsd, beta: 0}}", "variant 'a': beta=0: expected a number in (0, 1)"),
     ("variants={a: {strategy: base, alpha: 1.5}}", "variant 'a': alpha=1.5: expected a number in [0, 1]"),
     ("variants={a: {strategy: base, loss: kl}}",
-     "variant 'a': unknown loss 'kl'; valid losses: forward_kl, reverse_kl, jsd, ce"),
+     "variant 'a': unknown loss 'kl'; valid losses: forward_kl, reverse_kl, jsd, tv, ce"),
     ("variants={a: {loss: reverse_kl}}", "variant 'a': loss 'reverse_kl' learns from teacher distributions: "
                                          "add 'strategy: <name>' (the profile's: base, gold-hint)"),
     ("variants={a: {strategy: teacher, loss: forward_kl}}",
