@@ -62,3 +62,40 @@ def test_fit_refuses_ids_outside_the_vocabulary():
 ])
 def test_prompt_lookup(seq, gamma, want):
     assert prompt_lookup(seq, gamma) == want
+
+
+def _batch(rows, pad=0):
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+def test_ngram_drafter_proposes_the_models_greedy_chain_and_rolls_forward():
+    from helpers.speculative.drafters import Sampling
+    from helpers.speculative.ngram import NgramDrafter
+
+    seq = [5, 8, 2, 9, 4, 7, 3]
+    m = NgramModel(vocab_size=12, order=3).fit([seq] * 3)
+    d = NgramDrafter(m)
+    d.reset(*_batch([[5, 8], [1, 5, 8, 2, 9]]))
+    tokens, q = d.propose(3, Sampling())
+    assert q is None and tokens.tolist() == [[2, 9, 4], [4, 7, 3]]
+    d.commit([[2, 9], [4]])  # row 0 kept two drafts; row 1 one
+    assert d.propose(2, Sampling())[0].tolist() == [[4, 7], [7, 3]]
+    g = torch.Generator().manual_seed(0)
+    tokens, q = d.propose(2, Sampling(do_sample=True, temperature=1.0, generator=g))
+    assert q.shape == (2, 2, 12) and torch.allclose(q.sum(-1), torch.ones(2, 2))
+    torch.testing.assert_close(q[0, 0].double(), m.distribution([2, 9]), atol=1e-6, rtol=0)
+
+
+def test_prompt_lookup_drafter_pads_rows_without_a_match():
+    from helpers.speculative.drafters import Sampling
+    from helpers.speculative.ngram import PromptLookupDrafter
+
+    d = PromptLookupDrafter(max_ngram=2)
+    d.reset(*_batch([[1, 2, 3, 4, 1, 2], [7, 8, 9]]))
+    tokens, q = d.propose(3, Sampling())
+    assert q is None and tokens.tolist() == [[3, 4, 1], [-1, -1, -1]]
+    d.commit([[3], [9]])  # row 1 now ends 9 9: the earlier 9 is followed by 9
+    assert d.propose(2, Sampling())[0].tolist() == [[4, 1], [9, -1]]

@@ -18,6 +18,8 @@ from collections import defaultdict
 
 import torch
 
+from .drafters import Drafter, Sampling
+
 
 class NgramModel:
     """Interpolated Kneser-Ney over token ids, fitted on token sequences (e.g. training solutions)."""
@@ -96,3 +98,61 @@ def prompt_lookup(sequence: list[int], gamma: int, max_ngram: int = 3, min_ngram
             if sequence[start:start + n] == suffix:
                 return sequence[start + n:start + n + gamma]
     return []
+
+
+class NgramDrafter(Drafter):
+    """Drafts from an ``NgramModel``: at each step the model's distribution given the row's last
+    tokens (greedy: its argmax; sampling: drawn from it after the run's temperature/top-p, and that
+    processed distribution is q)."""
+
+    def __init__(self, model: NgramModel, name: str = "n-gram"):
+        self.model, self.name = model, name
+        self.vocab_size = model.vocab_size
+        self.rows: list[list[int]] = []
+
+    def reset(self, input_ids, attention_mask) -> None:
+        self.rows = [[int(t) for t, m in zip(ids, mask) if m] for ids, mask in
+                     zip(input_ids.tolist(), attention_mask.tolist())]
+
+    def propose(self, gamma: int, sampling: Sampling):
+        tokens = torch.zeros(len(self.rows), gamma, dtype=torch.long)
+        qs = torch.zeros(len(self.rows), gamma, self.vocab_size) if sampling.do_sample else None
+        for b, row in enumerate(self.rows):
+            context = row[max(0, len(row) - self.model.order + 1):] if self.model.order > 1 else []
+            for i in range(gamma):
+                token, q = sampling.choose(self.model.distribution(context).log().float()[None])
+                tokens[b, i] = token[0]
+                if qs is not None:
+                    qs[b, i] = q[0]
+                context = context + [int(token[0])]
+        return tokens, qs
+
+    def commit(self, new_tokens: list[list[int]]) -> None:
+        for row, new in zip(self.rows, new_tokens):
+            row.extend(new)
+
+
+class PromptLookupDrafter(Drafter):
+    """Proposes the tokens that followed the latest earlier occurrence of the row's last
+    ``max_ngram`` (down to 1) tokens, in the prompt or the text so far; deterministic (q one-hot).
+    A row with no match proposes nothing this step."""
+
+    def __init__(self, max_ngram: int = 3, name: str = "prompt lookup"):
+        self.max_ngram, self.name = max_ngram, name
+        self.rows: list[list[int]] = []
+
+    def reset(self, input_ids, attention_mask) -> None:
+        self.rows = [[int(t) for t, m in zip(ids, mask) if m] for ids, mask in
+                     zip(input_ids.tolist(), attention_mask.tolist())]
+
+    def propose(self, gamma: int, sampling: Sampling):
+        found = [prompt_lookup(row, gamma, self.max_ngram) for row in self.rows]
+        width = max(map(len, found), default=0)
+        tokens = torch.full((len(self.rows), width), -1, dtype=torch.long)
+        for b, copy in enumerate(found):
+            tokens[b, :len(copy)] = torch.tensor(copy, dtype=torch.long)
+        return tokens, None
+
+    def commit(self, new_tokens: list[list[int]]) -> None:
+        for row, new in zip(self.rows, new_tokens):
+            row.extend(new)
