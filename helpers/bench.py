@@ -36,7 +36,8 @@ import torch
 
 from .artifacts import write_json, write_text
 
-TARGETS = {"capture_ratio": 1.10, "kd_step_ratio": 1.15, "collm_cost_ratio": 1.15}
+TARGETS = {"capture_ratio": 1.10, "kd_step_ratio": 1.15, "collm_cost_ratio": 1.15,
+           "spec_measured_over_predicted": 0.9, "spec_ours_over_assisted": 1.0}
 QUESTIONS = [
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
     "How many clips did Natalia sell altogether in April and May?",
@@ -247,8 +248,54 @@ def bench_collm(model, tok, *, tokens: int, rate: float, repeats: int, prompts: 
             "collm_cost_ratio": med["co"] / bound, "collm_reread_speedup": med["reread"] / med["co"]}
 
 
-QUICK = {"batch": 4, "tokens": 24, "train_batch": 2, "train_length": 96, "repeats": 1, "collm_tokens": 16}
-FULL = {"batch": 16, "tokens": 64, "train_batch": 4, "train_length": 256, "repeats": 3, "collm_tokens": 48}
+SPEC_PROMPTS = [
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+    "How many clips did Natalia sell altogether in April and May?",
+    "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. How much did she earn?",
+]
+
+
+def bench_speculative(model, tok, *, layers: int, gammas: list[int], tokens: int, repeats: int) -> dict:
+    """(f) Speculative decoding at batch 1, greedy, with the target's first ``layers`` layers as
+    drafter: per γ, α, the cost ratio c, predicted and measured speed-up over plain ``generate``;
+    at the best γ, measured ÷ predicted and our loop's throughput ÷ transformers' assisted
+    generation with the same drafter (each the best of ``repeats`` runs)."""
+    from .models import prompt_text
+    from .prompts import student_messages
+    from .speculative import truncated_drafter
+    from .speculative import report
+
+    prompts = [prompt_text(tok, student_messages(q)) for q in SPEC_PROMPTS]
+    drafter = truncated_drafter(model, layers, tok)
+    ids = tok(prompts[0], return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)
+    report.plain_generate(model, tok, prompts[:1], 4)  # warm-up
+    reference, plain_s = min((report.plain_generate(model, tok, prompts, tokens) for _ in range(repeats)),
+                             key=lambda r: r[1])
+    step = report.step_seconds(model, ids)
+    per_gamma = {}
+    for gamma in gammas:
+        runs = [report.run_drafter(model, tok, drafter, prompts, gamma, tokens, reference) for _ in range(repeats)]
+        _, stats, seconds, identical = min(runs, key=lambda r: r[2])
+        pool = report.pooled(stats)
+        alpha = pool["accepted"] / max(pool["evaluated"], 1)
+        c = (pool["drafter_seconds"] / max(pool["drafted"], 1)) / step
+        per_gamma[gamma] = {"alpha": alpha, "c": c, "predicted": report.predicted_speedup(alpha, gamma, c),
+                            "measured": plain_s / seconds, "seconds": seconds, "identical": identical}
+    best = max(per_gamma, key=lambda g: per_gamma[g]["measured"])
+    assisted_out, assisted_s = min((report.assisted_generate(model, drafter.model, tok, prompts, best, tokens)
+                                    for _ in range(repeats)), key=lambda r: r[1])
+    b = per_gamma[best]
+    return {"spec_layers": layers, "spec_best_gamma": best, "spec_per_gamma": per_gamma,
+            "spec_measured_over_predicted": b["measured"] / b["predicted"],
+            "spec_ours_over_assisted": assisted_s / b["seconds"],
+            "spec_identical": all(v["identical"] for v in per_gamma.values()),
+            "spec_assisted_identical": assisted_out == reference}
+
+
+QUICK = {"batch": 4, "tokens": 24, "train_batch": 2, "train_length": 96, "repeats": 1, "collm_tokens": 16,
+         "spec_tokens": 32}
+FULL = {"batch": 16, "tokens": 64, "train_batch": 4, "train_length": 256, "repeats": 3, "collm_tokens": 48,
+        "spec_tokens": 64}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--collm-tokens", type=int, help="new tokens per prompt in the Co-LLM entry (default 48; quick 16)")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--skip-dtypes", action="store_true", help="leave out the fp32 ÷ bf16 entry (e)")
+    ap.add_argument("--spec-layers", type=int, default=8, help="layers of the truncated drafter in entry (f) (default 8)")
+    ap.add_argument("--spec-tokens", type=int, help="new tokens per prompt in entry (f) (default 64; quick 32)")
+    ap.add_argument("--skip-speculative", action="store_true", help="leave out the speculative decoding entry (f)")
     ap.add_argument("--out", default=None, help="folder for bench.md and bench.json (default logs/bench)")
     args = ap.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
@@ -278,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     from .models import load_model
 
     torch.manual_seed(0)
-    phases = ["load", "(a) capture", "(b) KD step", "(d) Co-LLM", "(c) store"] + ([] if args.skip_dtypes else ["(e) fp32 ÷ bf16"])
+    phases = (["load", "(a) capture", "(b) KD step", "(d) Co-LLM", "(c) store"]
+              + ([] if args.skip_speculative else ["(f) speculative"]) + ([] if args.skip_dtypes else ["(e) fp32 ÷ bf16"]))
     bar = tqdm(total=len(phases), desc="benchmark", unit="figure")
 
     def done(line: str) -> None:
@@ -304,10 +355,20 @@ def main(argv: list[str] | None = None) -> int:
     st = bench_store(cap.pop("rows"), args.k)
     done(f"(c) store {st['bytes_per_token']:.1f} bytes/token (arrays {st['array_bytes_per_token']}, "
          f"target ≤ {st['bytes_per_token_target']})")
+    sp = {}
+    if not args.skip_speculative:
+        bar.set_postfix_str("(f) speculative")
+        sp = bench_speculative(model, tok, layers=min(args.spec_layers, model.config.get_text_config().num_hidden_layers),
+                               gammas=[1, 2, 3, 5], tokens=args.spec_tokens, repeats=args.repeats)
+        b = sp["spec_per_gamma"][sp["spec_best_gamma"]]
+        done(f"(f) speculative (first {sp['spec_layers']} layers drafting, batch 1): best γ {sp['spec_best_gamma']}, "
+             f"α {b['alpha']:.3f}, c {b['c']:.3f}, speed-up measured {b['measured']:.2f} vs predicted "
+             f"{b['predicted']:.2f} (ratio {sp['spec_measured_over_predicted']:.3f}); ours ÷ transformers assisted "
+             f"throughput {sp['spec_ours_over_assisted']:.3f}")
     dt = {}
     if not args.skip_dtypes:
         del model
-        bar.set_postfix_str(phases[5])
+        bar.set_postfix_str("(e) fp32 ÷ bf16")
         dt = bench_dtypes(args.model, batch=args.batch, tokens=args.tokens, train_batch=args.train_batch,
                           train_length=args.train_length, repeats=args.repeats)
         done(f"(e) fp32 ÷ bf16: generation {dt['fp32_bf16_generate_ratio']:.3f} per token, training step "
@@ -326,9 +387,15 @@ def main(argv: list[str] | None = None) -> int:
         checks["fp32_bf16_train_ratio"] = (dt["fp32_bf16_train_ratio"], "reported", True)
         checks["auto_picks_faster_dtype"] = (float(dt["auto_picks_faster"]), f"1 (auto = {dt['auto_dtype']}, "
                                              f"faster = {dt['faster_dtype']})", dt["auto_picks_faster"])
+    if sp:
+        checks["spec_measured_over_predicted"] = (sp["spec_measured_over_predicted"], f"≥ {TARGETS['spec_measured_over_predicted']}",
+                                                  sp["spec_measured_over_predicted"] >= TARGETS["spec_measured_over_predicted"])
+        checks["spec_ours_over_assisted"] = (sp["spec_ours_over_assisted"], f"≥ {TARGETS['spec_ours_over_assisted']}",
+                                             sp["spec_ours_over_assisted"] >= TARGETS["spec_ours_over_assisted"]
+                                             and sp["spec_identical"])
     setup = {"model": args.model, **loaded, "quick": args.quick, "batch": args.batch,
              "tokens": args.tokens, "k": args.k, "collm_rate": args.collm_rate, "collm_tokens": args.collm_tokens, "train_batch": args.train_batch, "train_length": args.train_length,
-             "repeats": args.repeats, "torch": torch.__version__, "threads": torch.get_num_threads(),
+             "repeats": args.repeats, "spec_tokens": args.spec_tokens, "torch": torch.__version__, "threads": torch.get_num_threads(),
              "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
     lines = ["# Benchmark", "", ", ".join(f"{k}={v}" for k, v in setup.items()), "",
              "| figure | value | target | met |", "|---|---|---|---|"]
@@ -345,7 +412,12 @@ def main(argv: list[str] | None = None) -> int:
                  f"{dt['fp32_train_step_s']:.3f} s vs {dt['bf16_train_step_s']:.3f} s." if dt else "")]
     out = Path(args.out)
     write_text(out / "bench.md", "\n".join(lines) + "\n")
-    write_json(out / "bench.json", {"setup": setup, **cap, **kd, **st, **co, **dt,
+    if sp:
+        lines.append("Speculative decoding (batch 1, greedy, first {} layers drafting): ".format(sp["spec_layers"]) + "; ".join(
+            f"γ={g}: α {v['alpha']:.3f}, c {v['c']:.3f}, speed-up {v['measured']:.2f} measured / {v['predicted']:.2f} "
+            f"predicted" for g, v in sp["spec_per_gamma"].items())
+            + f"; output equals plain generate: {sp['spec_identical']} (ours), {sp['spec_assisted_identical']} (assisted).")
+    write_json(out / "bench.json", {"setup": setup, **cap, **kd, **st, **co, **dt, **sp,
                                     "met": {name: ok for name, (_, _, ok) in checks.items()}})
     print("\n".join(lines[4:]))
     print(f"written to {out / 'bench.md'}")

@@ -226,3 +226,25 @@ def head_training(curves: dict[str, dict], references: dict[str, float] | None =
     if path is not None:
         save(fig, path)
     return fig
+
+
+def speculative_curves(table: pd.DataFrame, path: str | Path | None = None, title: str = "Speculative decoding"):
+    """α (with its 95% interval) and the measured (solid) and predicted (dashed) speed-up against γ,
+    one line per drafter."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for i, (name, group) in enumerate(table.groupby("drafter", sort=False)):
+        group = group.sort_values("gamma")
+        color = f"C{i}"
+        left.errorbar(group["gamma"], group["alpha"], fmt="o-", color=color, capsize=3, label=name,
+                      yerr=[group["alpha"] - group["alpha_low"], group["alpha_high"] - group["alpha"]])
+        right.plot(group["gamma"], group["measured_speedup"], "o-", color=color, label=f"{name} (measured)")
+        right.plot(group["gamma"], group["predicted_speedup"], "x--", color=color, alpha=0.7)
+    left.set(xlabel="γ (draft length)", ylabel="α (acceptance per examined draft)", ylim=(0, 1.02), title="α")
+    right.axhline(1.0, color="grey", lw=0.8)
+    right.set(xlabel="γ (draft length)", ylabel="speed-up over plain generate", title="speed-up (dashed: predicted)")
+    left.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    if path is not None:
+        save(fig, path)
+    return fig

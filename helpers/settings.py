@@ -198,7 +198,7 @@ class Setting:
 
 
 _SIZE = Num(int, 1)
-_NOTEBOOKS = ("01", "02", "03", "04")
+_NOTEBOOKS = ("01", "02", "03", "04", "05")
 
 
 def _s(name, type_, meaning, *, optional=False, runner=False, read_by=_NOTEBOOKS):
@@ -224,7 +224,7 @@ PARAMS: dict[str, Setting] = {s.name: s for s in [
     _s("n_validation", _SIZE, "validation problems (tuning and the validation loss only)"),
     _s("n_test", _SIZE, "test problems (assessment only)"),
     # models
-    _s("teacher", Text(what="a model id, folder or embedded name"), "the teacher model", read_by=("01",)),
+    _s("teacher", Text(what="a model id, folder or embedded name"), "the teacher model", read_by=("01", "05")),
     _s("student", Text(what="a model id, folder or embedded name"), "the student model", read_by=("02", "03")),
     _s("dtype", Choice(DTYPES), "weights' dtype (auto: bf16 on recent GPUs, fp16 on older ones; on a CPU bf16 only "
        "where it is native (AVX512-BF16, AMX, Arm BF16), else fp32)"),
@@ -235,9 +235,9 @@ PARAMS: dict[str, Setting] = {s.name: s for s in [
        read_by=("01", "03")),
     _s("prompt_templates", Mapping("a mapping of strategy name to a template containing {question}"),
        "strategy prompts to edit or add", optional=True, read_by=("01", "04")),
-    _s("teacher_k", _SIZE, "top-k log-probs stored per teacher token", read_by=("01",)),
-    _s("teacher_max_new_tokens", _SIZE, "longest teacher solution, in tokens", read_by=("01",)),
-    _s("teacher_batch_size", _SIZE, "teacher generation batch", read_by=("01",)),
+    _s("teacher_k", _SIZE, "top-k log-probs stored per teacher token", read_by=("01", "05")),
+    _s("teacher_max_new_tokens", _SIZE, "longest teacher solution, in tokens", read_by=("01", "05")),
+    _s("teacher_batch_size", _SIZE, "teacher generation batch", read_by=("01", "05")),
     _s("teacher_do_sample", Flag(), "sample the teacher's solutions (false: greedy)", read_by=("01",)),
     _s("teacher_temperature", Num(float, 0, lo_open=True), "teacher sampling temperature", read_by=("01",)),
     _s("teacher_top_p", Num(float, 0, 1, lo_open=True), "teacher nucleus sampling mass", read_by=("01",)),
@@ -286,6 +286,24 @@ PARAMS: dict[str, Setting] = {s.name: s for s in [
     _s("collm_n_validation", _SIZE, "validation problems decoded to choose η (null: all)", optional=True,
        read_by=("04",)),
     _s("collm_n_test", _SIZE, "test problems decoded per method (null: all)", optional=True, read_by=("04",)),
+    # speculative decoding (05)
+    _s("spec_target", Text(what="a model id, folder or embedded name"), "the model speculative decoding speeds up",
+       read_by=("05",)),
+    _s("spec_drafters", ListOf(Text(what="truncated, kd, ngram, prompt-lookup, or a model with the target's tokenizer"), 1),
+       "drafters to measure: truncated (the target's first spec_layers layers, copied), kd (that copy distilled "
+       "from the target), ngram (Kneser-Ney on the target's training solutions), prompt-lookup, or a model name",
+       read_by=("05",)),
+    _s("spec_layers", _SIZE, "decoder layers of the truncated drafter", read_by=("05",)),
+    _s("spec_gammas", ListOf(_SIZE, 1), "draft lengths γ measured", read_by=("05",)),
+    _s("spec_n_prompts", _SIZE, "test prompts decoded one at a time (batch 1) per drafter and γ", read_by=("05",)),
+    _s("spec_max_new_tokens", _SIZE, "new tokens per prompt", read_by=("05",)),
+    _s("spec_strategy", Text(what="a strategy name"), "whose teacher store (notebook 01) holds the target's own "
+       "solutions for the kd and ngram drafters; used only when the teacher is the target, else the target writes "
+       "its own", read_by=("05",)),
+    _s("spec_kd", Mapping("a mapping of training settings (see 'Training settings')"),
+       "training of the kd drafter (loss: tv trains 1 − α directly)", read_by=("05",)),
+    _s("spec_on_policy_rounds", Num(int, 0), "rounds of on-policy KD after the off-policy one: the drafter writes, "
+       "the target scores, the drafter learns", read_by=("05",)),
 ]}
 
 
