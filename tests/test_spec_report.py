@@ -86,3 +86,31 @@ def test_speculative_plot(tmp_path):
                            "measured_speedup": 1.1, "predicted_speedup": 1.2} for d in ("a", "b") for g in (1, 3)])
     plots.speculative_curves(table, tmp_path / "s.png")
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_drafter_that_proposes_nothing_still_hears_every_commit(loaded):
+    """Prompt lookup often finds nothing to copy; it must still be told what the target wrote, or
+    its view of the sequence goes stale and it never proposes again."""
+    from helpers.speculative.drafters import Drafter
+
+    class Silent(Drafter):
+        name = "silent"
+
+        def reset(self, input_ids, attention_mask):
+            self.heard = [[] for _ in range(input_ids.shape[0])]
+
+        def propose(self, gamma, sampling):
+            return torch.full((len(self.heard), 0), -1, dtype=torch.long), None
+
+        def commit(self, new_tokens):
+            for row, new in zip(self.heard, new_tokens):
+                row.extend(new)
+
+    model, tok = loaded
+    prompts = [models.prompt_text(tok, student_messages(q)) for q in QUESTIONS]
+    drafter = Silent()
+    rows, stats = speculative_generate(model, drafter, tok, prompts, gamma=3, max_new_tokens=12)
+    # every committed token but the very last one reaches the drafter (the last iteration asks no drafts)
+    for heard, row in zip(drafter.heard, rows):
+        assert row["token_ids"][:len(heard)] == heard and len(heard) >= len(row["token_ids"]) - 1
+    assert stats.drafted == 0 and stats.evaluated == 0

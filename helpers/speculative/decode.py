@@ -210,7 +210,8 @@ def speculative_decode(target, drafter: Drafter, input_ids: torch.Tensor, attent
         m0 = clock.mark()
         # 1. draft (never more than the longest remaining row can still use)
         g = min(gamma, max(max_new_tokens - len(o) for o, a in zip(out, active) if a) - 1)
-        if g > 0:
+        asked = g > 0  # a drafter asked to propose hears what was committed, even if it proposed nothing
+        if asked:
             drafts, q = drafter.propose(g, sampling)
             stats.drafter_calls += 1
             if drafts.ndim != 2 or drafts.shape[0] != B or drafts.shape[1] > g:
@@ -302,7 +303,7 @@ def speculative_decode(target, drafter: Drafter, input_ids: torch.Tensor, attent
                 if toks[-1] in eos_set or len(out[b]) >= max_new_tokens:
                     active[b] = False
         m2 = clock.mark()
-        if g > 0:
+        if asked:
             drafter.commit(new)
         m3 = clock.mark()
         later.append((m0, m1, m2, m3, state.valid))  # read after the loop, without a sync here

@@ -19,7 +19,7 @@ import time
 import pandas as pd
 import torch
 
-from .decode import speculative_generate
+from .decode import acceptance_rate, speculative_generate  # noqa: F401  (acceptance_rate: for the notebook)
 from .drafters import Drafter
 
 KINDS = ("digit", "operator", "word", "other")
@@ -51,14 +51,16 @@ def step_seconds(model, input_ids: torch.Tensor, steps: int = 16, repeats: int =
     ``repeats`` runs of ``steps`` greedy steps), the unit of the cost ratio c."""
     from transformers import DynamicCache
 
+    from .drafters import _CACHE_ARG
+
     best = math.inf
     for _ in range(repeats):
         cache = DynamicCache(config=model.config)
-        out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        out = model(input_ids=input_ids, use_cache=True, **{_CACHE_ARG: cache})
         token = out.logits[:, -1:].argmax(-1)
         start = time.perf_counter()
         for _ in range(steps):
-            out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+            out = model(input_ids=token, use_cache=True, **{_CACHE_ARG: cache})
             token = out.logits[:, -1:].argmax(-1)
         if model.device.type == "cuda":
             torch.cuda.synchronize()
