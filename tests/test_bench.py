@@ -26,7 +26,16 @@ def test_bench_writes_its_figures(tiny_dir, tmp_path):
     assert result["bytes_per_token"] > result["measured_array_bytes_per_token"]  # plus the header
     assert set(result["met"]) == {"capture_ratio", "kd_step_ratio", "bytes_per_token", "collm_cost_ratio",
                                   "collm_reread_speedup", "fp32_bf16_generate_ratio", "fp32_bf16_train_ratio",
-                                  "auto_picks_faster_dtype"}
+                                  "auto_picks_faster_dtype", "spec_measured_over_predicted", "spec_ours_over_assisted"}
+    # (f) speculative: the tiny target has 2 layers, so the "truncated" drafter is a full copy: every
+    # draft is accepted, greedy outputs equal plain generate, and the ratios are those of the times
+    per_gamma = result["spec_per_gamma"]
+    assert result["spec_layers"] == 2 and set(per_gamma) == {"1", "2", "3", "5"}
+    assert all(v["alpha"] == 1.0 and v["identical"] for v in per_gamma.values()) and result["spec_identical"]
+    best = per_gamma[str(result["spec_best_gamma"])]
+    assert best["measured"] == max(v["measured"] for v in per_gamma.values())
+    assert result["spec_measured_over_predicted"] == pytest.approx(best["measured"] / best["predicted"], rel=1e-12)
+    assert result["spec_ours_over_assisted"] > 0
     # fp32 ÷ bf16: per generated token for generation, per step for training; auto's choice is stated
     per_token = lambda d: result[f"{d}_generate_s"] / result[f"{d}_generate_tokens"]  # noqa: E731
     assert result["fp32_bf16_generate_ratio"] == pytest.approx(per_token("fp32") / per_token("bf16"), rel=1e-12)

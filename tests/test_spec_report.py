@@ -23,7 +23,7 @@ def _greedy(model, tok, prompt, n):
     return report._cut_at_eos(out[0, enc["input_ids"].shape[1]:].tolist(), model, tok)
 
 
-@pytest.mark.parametrize("gamma", [1, 3])
+@pytest.mark.parametrize("gamma", [1, 3, 5])
 def test_ngram_and_prompt_lookup_drafts_leave_greedy_output_unchanged(loaded, gamma):
     model, tok = loaded
     prompts = [models.prompt_text(tok, student_messages(q)) for q in QUESTIONS]
