@@ -255,16 +255,20 @@ SPEC_PROMPTS = [
 ]
 
 
-def bench_speculative(model, tok, *, layers: int, gammas: list[int], tokens: int, repeats: int) -> dict:
+def bench_speculative(name: str, *, layers: int, gammas: list[int], tokens: int, repeats: int) -> dict:
     """(f) Speculative decoding at batch 1, greedy, with the target's first ``layers`` layers as
     drafter: per γ, α, the cost ratio c, predicted and measured speed-up over plain ``generate``;
     at the best γ, measured ÷ predicted and our loop's throughput ÷ transformers' assisted
-    generation with the same drafter (each the best of ``repeats`` runs)."""
-    from .models import prompt_text
+    generation with the same drafter (each the best of ``repeats`` runs, after a warm-up of each).
+    In fp32, where a one-token and a several-token forward round alike, so greedy outputs can be
+    compared token for token."""
+    from .models import load_model, prompt_text
     from .prompts import student_messages
     from .speculative import truncated_drafter
     from .speculative import report
 
+    model, tok = load_model(name, dtype="fp32")
+    layers = min(layers, model.config.get_text_config().num_hidden_layers)
     prompts = [prompt_text(tok, student_messages(q)) for q in SPEC_PROMPTS]
     drafter = truncated_drafter(model, layers, tok)
     ids = tok(prompts[0], return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)
@@ -272,6 +276,7 @@ def bench_speculative(model, tok, *, layers: int, gammas: list[int], tokens: int
     reference, plain_s = min((report.plain_generate(model, tok, prompts, tokens) for _ in range(repeats)),
                              key=lambda r: r[1])
     step = report.step_seconds(model, ids)
+    report.run_drafter(model, tok, drafter, prompts[:1], gammas[0], 4, [r[:4] for r in reference[:1]])  # warm-up
     per_gamma = {}
     for gamma in gammas:
         runs = [report.run_drafter(model, tok, drafter, prompts, gamma, tokens, reference) for _ in range(repeats)]
@@ -282,6 +287,7 @@ def bench_speculative(model, tok, *, layers: int, gammas: list[int], tokens: int
         per_gamma[gamma] = {"alpha": alpha, "c": c, "predicted": report.predicted_speedup(alpha, gamma, c),
                             "measured": plain_s / seconds, "seconds": seconds, "identical": identical}
     best = max(per_gamma, key=lambda g: per_gamma[g]["measured"])
+    report.assisted_generate(model, drafter.model, tok, prompts[:1], best, 4)  # warm-up
     assisted_out, assisted_s = min((report.assisted_generate(model, drafter.model, tok, prompts, best, tokens)
                                     for _ in range(repeats)), key=lambda r: r[1])
     b = per_gamma[best]
@@ -358,8 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     sp = {}
     if not args.skip_speculative:
         bar.set_postfix_str("(f) speculative")
-        sp = bench_speculative(model, tok, layers=min(args.spec_layers, model.config.get_text_config().num_hidden_layers),
-                               gammas=[1, 2, 3, 5], tokens=args.spec_tokens, repeats=args.repeats)
+        sp = bench_speculative(args.model, layers=args.spec_layers, gammas=[1, 2, 3, 5], tokens=args.spec_tokens,
+                               repeats=args.repeats)
         b = sp["spec_per_gamma"][sp["spec_best_gamma"]]
         done(f"(f) speculative (first {sp['spec_layers']} layers drafting, batch 1): best γ {sp['spec_best_gamma']}, "
              f"α {b['alpha']:.3f}, c {b['c']:.3f}, speed-up measured {b['measured']:.2f} vs predicted "
