@@ -277,15 +277,15 @@ def teacher_text_metrics(model, tokenizer, store, records: list[Record], *, batc
     with torch.inference_mode():
         for i in range(0, len(examples), batch_size):
             batch = {k: v.to(model.device) for k, v in collate(examples[i:i + batch_size], tokenizer.pad_token_id).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
             _, parts = kd_loss("forward_kl", logits, batch["targets"], batch["mask"], batch["topk_ids"],
                                batch["topk_logprobs"], T=1.0, alpha=1.0, tail_logprobs=batch.get("tail_logprobs"))
             n = batch["mask"].sum().item()
             total += parts["kd"] * n
             count += n
             keep = batch["mask"].bool()
-            top, pred = logits.float().max(-1)
-            conf = torch.exp(top - torch.logsumexp(logits.float(), -1))[keep].double().cpu().numpy()
+            top, pred = logits.max(-1)
+            conf = torch.exp(top - torch.logsumexp(logits, -1))[keep].double().cpu().numpy()
             hit = (pred == batch["targets"])[keep].double().cpu().numpy()
             for acc, part in zip(sums, _bin_sums(conf, hit, bins)):
                 acc += part

@@ -281,11 +281,9 @@ def bench_speculative(name: str, *, layers: int, gammas: list[int], tokens: int,
     for gamma in gammas:
         runs = [report.run_drafter(model, tok, drafter, prompts, gamma, tokens, reference) for _ in range(repeats)]
         _, stats, seconds, identical = min(runs, key=lambda r: r[2])
-        pool = report.pooled(stats)
-        alpha = pool["accepted"] / max(pool["evaluated"], 1)
-        c = (pool["drafter_seconds"] / max(pool["drafted"], 1)) / step
-        per_gamma[gamma] = {"alpha": alpha, "c": c, "predicted": report.predicted_speedup(alpha, gamma, c),
-                            "measured": plain_s / seconds, "seconds": seconds, "identical": identical}
+        row = report.measure(report.pooled(stats), gamma, step, plain_s, seconds)
+        per_gamma[gamma] = {"alpha": row["alpha"], "c": row["c"], "predicted": row["predicted_speedup"],
+                            "measured": row["measured_speedup"], "seconds": seconds, "identical": identical}
     best = max(per_gamma, key=lambda g: per_gamma[g]["measured"])
     report.assisted_generate(model, drafter.model, tok, prompts[:1], best, 4)  # warm-up
     assisted_out, assisted_s = min((report.assisted_generate(model, drafter.model, tok, prompts, best, tokens)

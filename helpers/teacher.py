@@ -140,10 +140,11 @@ class LoopStop(StoppingCriteria):
         return stop
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
+def eos_ids(model, tokenizer=None) -> list[int]:
+    """End-of-sequence ids: the model's generation config's, plus the tokenizer's (when given)."""
     eos = model.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+    if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
         eos.append(tokenizer.eos_token_id)
     return eos
 
@@ -159,7 +160,7 @@ def generate_with_capture(model, tokenizer, prompts: list[str], *, k: int = 64, 
     itself (``LoopStop``). ``capture=False`` is plain ``generate`` on the same inputs (the
     benchmark's reference).
     """
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample,
                               pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
                               **({"temperature": temperature, "top_p": top_p} if do_sample else {}))

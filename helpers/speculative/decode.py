@@ -41,6 +41,7 @@ from statistics import NormalDist
 import torch
 
 from ..models import add_special_tokens, tokenizer_fingerprint
+from ..teacher import eos_ids  # noqa: F401  (re-exported: the same rule as the teacher's generation)
 from .drafters import Drafter, RowCache, Sampling
 
 
@@ -143,16 +144,6 @@ class _Clock:
 
     def seconds(self, a, b) -> float:
         return a.elapsed_time(b) / 1000 if self.cuda else b - a
-
-
-def eos_ids(model, tokenizer) -> list[int]:
-    """End-of-sequence ids: the model's generation config's, plus the tokenizer's (the rule of
-    ``teacher.generate_with_capture``)."""
-    eos = model.generation_config.eos_token_id
-    eos = [eos] if isinstance(eos, int) else list(eos or [])
-    if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
-        eos.append(tokenizer.eos_token_id)
-    return eos
 
 
 def check_drafter(target, drafter: Drafter, tokenizer=None) -> None:

@@ -100,7 +100,21 @@ def prompt_lookup(sequence: list[int], gamma: int, max_ngram: int = 3, min_ngram
     return []
 
 
-class NgramDrafter(Drafter):
+class _SequenceDrafter(Drafter):
+    """A drafter that needs only each row's tokens so far (the prompt, then what was committed)."""
+
+    rows: list[list[int]]
+
+    def reset(self, input_ids, attention_mask) -> None:
+        self.rows = [[int(t) for t, m in zip(ids, mask) if m] for ids, mask in
+                     zip(input_ids.tolist(), attention_mask.tolist())]
+
+    def commit(self, new_tokens: list[list[int]]) -> None:
+        for row, new in zip(self.rows, new_tokens):
+            row.extend(new)
+
+
+class NgramDrafter(_SequenceDrafter):
     """Drafts from an ``NgramModel``: at each step the model's distribution given the row's last
     tokens (greedy: its argmax; sampling: drawn from it after the run's temperature/top-p, and that
     processed distribution is q)."""
@@ -109,10 +123,6 @@ class NgramDrafter(Drafter):
         self.model, self.name = model, name
         self.vocab_size = model.vocab_size
         self.rows: list[list[int]] = []
-
-    def reset(self, input_ids, attention_mask) -> None:
-        self.rows = [[int(t) for t, m in zip(ids, mask) if m] for ids, mask in
-                     zip(input_ids.tolist(), attention_mask.tolist())]
 
     def propose(self, gamma: int, sampling: Sampling):
         tokens = torch.zeros(len(self.rows), gamma, dtype=torch.long)
@@ -127,12 +137,8 @@ class NgramDrafter(Drafter):
                 context = context + [int(token[0])]
         return tokens, qs
 
-    def commit(self, new_tokens: list[list[int]]) -> None:
-        for row, new in zip(self.rows, new_tokens):
-            row.extend(new)
 
-
-class PromptLookupDrafter(Drafter):
+class PromptLookupDrafter(_SequenceDrafter):
     """Proposes the tokens that followed the latest earlier occurrence of the row's last
     ``max_ngram`` (down to 1) tokens, in the prompt or the text so far; deterministic (q one-hot).
     A row with no match proposes nothing this step."""
@@ -141,10 +147,6 @@ class PromptLookupDrafter(Drafter):
         self.max_ngram, self.name = max_ngram, name
         self.rows: list[list[int]] = []
 
-    def reset(self, input_ids, attention_mask) -> None:
-        self.rows = [[int(t) for t, m in zip(ids, mask) if m] for ids, mask in
-                     zip(input_ids.tolist(), attention_mask.tolist())]
-
     def propose(self, gamma: int, sampling: Sampling):
         found = [prompt_lookup(row, gamma, self.max_ngram) for row in self.rows]
         width = max(map(len, found), default=0)
@@ -152,7 +154,3 @@ class PromptLookupDrafter(Drafter):
         for b, copy in enumerate(found):
             tokens[b, :len(copy)] = torch.tensor(copy, dtype=torch.long)
         return tokens, None
-
-    def commit(self, new_tokens: list[list[int]]) -> None:
-        for row, new in zip(self.rows, new_tokens):
-            row.extend(new)

@@ -19,7 +19,7 @@ import time
 import pandas as pd
 import torch
 
-from .decode import acceptance_rate, speculative_generate  # noqa: F401  (acceptance_rate: for the notebook)
+from .decode import acceptance_rate, speculative_generate
 from .drafters import Drafter
 
 KINDS = ("digit", "operator", "word", "other")
@@ -68,9 +68,26 @@ def step_seconds(model, input_ids: torch.Tensor, steps: int = 16, repeats: int =
     return best
 
 
-@torch.inference_mode()
 def plain_generate(target, tokenizer, prompts: list[str], max_new_tokens: int) -> tuple[list[list[int]], float]:
     """Greedy ``generate`` one prompt at a time: (new token ids per prompt, total seconds)."""
+    return _generate_each(target, tokenizer, prompts, max_new_tokens)
+
+
+def assisted_generate(target, assistant_model, tokenizer, prompts: list[str], gamma: int,
+                      max_new_tokens: int) -> tuple[list[list[int]], float]:
+    """transformers' assisted generation (greedy, batch 1) with a fixed draft length ``gamma``:
+    (new token ids per prompt, total seconds). The assistant is deep-copied first, since
+    transformers may change it (its generation config, and the model in cross-tokenizer runs)."""
+    assistant = copy.deepcopy(assistant_model)
+    assistant.generation_config.num_assistant_tokens = gamma
+    assistant.generation_config.num_assistant_tokens_schedule = "constant"
+    assistant.generation_config.assistant_confidence_threshold = 0.0  # draft exactly γ, as our loop does
+    return _generate_each(target, tokenizer, prompts, max_new_tokens, assistant_model=assistant)
+
+
+@torch.inference_mode()
+def _generate_each(target, tokenizer, prompts: list[str], max_new_tokens: int, **extra) -> tuple[list[list[int]], float]:
+    """Greedy ``target.generate`` (with ``extra`` arguments) one prompt at a time, timing only the calls."""
     from ..models import add_special_tokens
 
     out, seconds = [], 0.0
@@ -78,37 +95,14 @@ def plain_generate(target, tokenizer, prompts: list[str], max_new_tokens: int) -
         enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special_tokens(tokenizer)).to(target.device)
         start = time.perf_counter()
         ids = target.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                              pad_token_id=tokenizer.pad_token_id)
-        seconds += time.perf_counter() - start
-        out.append(_cut_at_eos(ids[0, enc["input_ids"].shape[1]:].tolist(), target, tokenizer))
-    return out, seconds
-
-
-@torch.inference_mode()
-def assisted_generate(target, assistant_model, tokenizer, prompts: list[str], gamma: int,
-                      max_new_tokens: int) -> tuple[list[list[int]], float]:
-    """transformers' assisted generation (greedy, batch 1) with a fixed draft length ``gamma``:
-    (new token ids per prompt, total seconds). The assistant is deep-copied first, since
-    transformers may change it (its generation config, and the model in cross-tokenizer runs)."""
-    from ..models import add_special_tokens
-
-    assistant = copy.deepcopy(assistant_model)
-    assistant.generation_config.num_assistant_tokens = gamma
-    assistant.generation_config.num_assistant_tokens_schedule = "constant"
-    assistant.generation_config.assistant_confidence_threshold = 0.0  # draft exactly γ, as our loop does
-    out, seconds = [], 0.0
-    for prompt in prompts:
-        enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special_tokens(tokenizer)).to(target.device)
-        start = time.perf_counter()
-        ids = target.generate(**enc, assistant_model=assistant, max_new_tokens=max_new_tokens, do_sample=False,
-                              pad_token_id=tokenizer.pad_token_id)
+                              pad_token_id=tokenizer.pad_token_id, **extra)
         seconds += time.perf_counter() - start
         out.append(_cut_at_eos(ids[0, enc["input_ids"].shape[1]:].tolist(), target, tokenizer))
     return out, seconds
 
 
 def _cut_at_eos(ids: list[int], model, tokenizer) -> list[int]:
-    from .decode import eos_ids
+    from ..teacher import eos_ids
 
     eos = set(eos_ids(model, tokenizer))
     return next((ids[:j + 1] for j, t in enumerate(ids) if t in eos), ids)
@@ -140,6 +134,19 @@ def pooled(stats) -> dict:
     out["drafter_seconds"] = sum(s.drafter_seconds for s in stats)
     out["target_seconds"] = sum(s.target_seconds for s in stats)
     return out
+
+
+def measure(pool: dict, gamma: int, target_step: float, plain_seconds: float, seconds: float) -> dict:
+    """One drafter × γ row from ``pooled`` counts: α with its Wilson interval, accepted ÷ drafted
+    (not α), tokens per target call, the cost ratio c (the drafter's seconds per drafted token ÷
+    one target step of ``target_step`` seconds), the predicted speed-up and the measured one
+    (``plain_seconds`` of plain generate ÷ ``seconds`` of our loop on the same prompts)."""
+    alpha, low, high = acceptance_rate(pool["accepted"], pool["evaluated"])
+    c = (pool["drafter_seconds"] / max(pool["drafted"], 1)) / target_step
+    return {"alpha": alpha, "alpha_low": low, "alpha_high": high, "accepted": pool["accepted"],
+            "evaluated": pool["evaluated"], "accepted_per_drafted": pool["accepted"] / max(pool["drafted"], 1),
+            "tokens_per_call": pool["generated"] / max(pool["row_calls"], 1), "c": c,
+            "predicted_speedup": predicted_speedup(alpha, gamma, c), "measured_speedup": plain_seconds / seconds}
 
 
 def table_markdown(table: pd.DataFrame) -> str:
