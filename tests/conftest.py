@@ -38,6 +38,27 @@ def make_tokenizer(chat_template: bool = True):
     return tok
 
 
+def make_metaspace_tokenizer(chat_template: bool = False):
+    """Another segmentation of the same texts: a SentencePiece-style tokenizer (Unigram, '▁' for
+    spaces) with its own special tokens, as a teacher or assistant with a different vocabulary has.
+    Characters outside CORPUS become <unk>, so texts meant to round-trip use CORPUS's characters."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.Unigram())
+    tk.pre_tokenizer = pre_tokenizers.Metaspace()
+    tk.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"], unk_token="<unk>",
+                                      show_progress=False)
+    tk.train_from_iterator(CORPUS, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                  pad_token="</s>")
+    if chat_template:
+        tok.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+                             "{% if add_generation_prompt %}<s>assistant: {% endif %}")
+    return tok
+
+
 def make_model(tok, seed: int = 0):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM

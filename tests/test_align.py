@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from conftest import CORPUS, make_tokenizer
+from conftest import CORPUS, make_metaspace_tokenizer, make_tokenizer
 from helpers.fusion import Piece, align_offsets, align_texts, token_offsets
 
 TEXTS = ["Natalia sold 48 clips in April.\nShe sold half as many in May: 48 / 2 = 24.",
@@ -13,16 +13,7 @@ TEXTS = ["Natalia sold 48 clips in April.\nShe sold half as many in May: 48 / 2 
 
 
 def metaspace_tokenizer():
-    """A SentencePiece-style tokenizer (Unigram, '▁' for spaces): another segmentation of the same text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.Unigram())
-    tk.pre_tokenizer = pre_tokenizers.Metaspace()
-    tk.decoder = decoders.Metaspace()
-    trainer = trainers.UnigramTrainer(vocab_size=120, special_tokens=["<unk>"], unk_token="<unk>", show_progress=False)
-    tk.train_from_iterator(CORPUS, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>")
+    return make_metaspace_tokenizer()
 
 
 @pytest.fixture(scope="module")
