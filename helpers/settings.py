@@ -198,7 +198,7 @@ class Setting:
 
 
 _SIZE = Num(int, 1)
-_NOTEBOOKS = ("01", "02", "03", "04", "05")
+_NOTEBOOKS = ("01", "02", "03", "04", "05", "06")
 
 
 def _s(name, type_, meaning, *, optional=False, runner=False, read_by=_NOTEBOOKS):
@@ -225,7 +225,7 @@ PARAMS: dict[str, Setting] = {s.name: s for s in [
     _s("n_test", _SIZE, "test problems (assessment only)"),
     # models
     _s("teacher", Text(what="a model id, folder or embedded name"), "the teacher model", read_by=("01", "05")),
-    _s("student", Text(what="a model id, folder or embedded name"), "the student model", read_by=("02", "03")),
+    _s("student", Text(what="a model id, folder or embedded name"), "the student model", read_by=("02", "03", "06")),
     _s("dtype", Choice(DTYPES), "weights' dtype (auto: bf16 on recent GPUs, fp16 on older ones; on a CPU bf16 only "
        "where it is native (AVX512-BF16, AMX, Arm BF16), else fp32)"),
     _s("device", Text(r"auto|cpu|mps|cuda(:\d+)?", "auto, cpu, mps, cuda or cuda:N"), "where models run"),
@@ -235,9 +235,9 @@ PARAMS: dict[str, Setting] = {s.name: s for s in [
        read_by=("01", "03")),
     _s("prompt_templates", Mapping("a mapping of strategy name to a template containing {question}"),
        "strategy prompts to edit or add", optional=True, read_by=("01", "04")),
-    _s("teacher_k", _SIZE, "top-k log-probs stored per teacher token", read_by=("01", "05")),
+    _s("teacher_k", _SIZE, "top-k log-probs stored per teacher token", read_by=("01", "05", "06")),
     _s("teacher_max_new_tokens", _SIZE, "longest teacher solution, in tokens", read_by=("01", "05")),
-    _s("teacher_batch_size", _SIZE, "teacher generation batch", read_by=("01", "05")),
+    _s("teacher_batch_size", _SIZE, "teacher generation (or scoring) batch", read_by=("01", "05", "06")),
     _s("teacher_do_sample", Flag(), "sample the teacher's solutions (false: greedy)", read_by=("01",)),
     _s("teacher_temperature", Num(float, 0, lo_open=True), "teacher sampling temperature", read_by=("01",)),
     _s("teacher_top_p", Num(float, 0, 1, lo_open=True), "teacher nucleus sampling mass", read_by=("01",)),
@@ -248,21 +248,22 @@ PARAMS: dict[str, Setting] = {s.name: s for s in [
        read_by=("01", "02")),
     _s("stop_loops", Flag(), "stop a teacher solution or a test response that repeats one to four lines three times "
        "in a row (numbers aside, or one token block exactly); counted as 'looped', apart from finished and cut",
-       read_by=("01", "03")),
+       read_by=("01", "03", "06")),
     # distillation (02)
     _s("seeds", ListOf(Num(int, 0), 1), "training seeds: every variant is trained and assessed once per seed, and "
        "the tables give the mean and spread across seeds beside the pooled CI (null: one training, seed 'seed')",
        optional=True, read_by=("02", "03")),
     _s("training", Mapping("a mapping of training settings (see 'Training settings')"),
-       "training settings shared by every variant; a variant's own keys win", read_by=("02",)),
+       "training settings shared by every variant (and fusion row); a row's own keys win", read_by=("02", "06")),
     _s("variants", Mapping("a mapping of variant name to its row"),
        "KD variants: one row each (strategy, loss, T, alpha, beta, any training setting)", read_by=("03",)),
     # assessment (03)
     _s("experiments", Mapping("a mapping of row name to {model, adapter}"),
        "extra rows of the accuracy table", read_by=("03",)),
-    _s("batch_size", _SIZE, "generation batch of assessment and Co-LLM", read_by=("03", "04")),
-    _s("max_new_tokens", _SIZE, "longest response in assessment and Co-LLM, in tokens", read_by=("03", "04")),
-    _s("extract_mode", Choice(EXTRACT_MODES), "answer extraction rules (seed: the study's)", read_by=("01", "03", "04")),
+    _s("batch_size", _SIZE, "generation batch of assessment, Co-LLM and fusion", read_by=("03", "04", "06")),
+    _s("max_new_tokens", _SIZE, "longest response in assessment, Co-LLM and fusion, in tokens",
+       read_by=("03", "04", "06")),
+    _s("extract_mode", Choice(EXTRACT_MODES), "answer extraction rules (seed: the study's)", read_by=("01", "03", "04", "06")),
     # Co-LLM (04)
     _s("base", Text(what="a model id, folder or embedded name"), "Co-LLM base model (it learns to defer)",
        read_by=("04",)),
@@ -304,6 +305,16 @@ PARAMS: dict[str, Setting] = {s.name: s for s in [
        "training of the kd drafter (loss: tv trains 1 − α directly)", read_by=("05",)),
     _s("spec_on_policy_rounds", Num(int, 0), "rounds of on-policy KD after the off-policy one: the drafter writes, "
        "the target scores, the drafter learns", read_by=("05",)),
+    # fusion across tokenizers (06)
+    _s("fusion_teachers", ListOf(Text(what="a model id, folder or embedded name"), 1),
+       "teachers that read the reference solutions; any tokenizers (aligned by character offsets)", read_by=("06",)),
+    _s("fusion_strategy", Text(what="a strategy name"), "the prompt each fusion teacher reads a reference under",
+       read_by=("06",)),
+    _s("fusion_rows", Mapping("a mapping of row name to {teachers, method, loss, alpha, T, any training setting}"),
+       "rows of fusion.md besides no-distillation: {loss: ce} fine-tunes on the references; otherwise KD from "
+       "'teachers' (default: all) fused by 'method' (minCE | avgCE | softmax)", read_by=("06",)),
+    _s("fusion_tau", Num(float, 0, lo_open=True), "temperature of the softmax(−NLL per byte / τ) teacher weighting",
+       read_by=("06",)),
 ]}
 
 
@@ -425,6 +436,37 @@ def check_variant(name: str, row: dict | None, *, training: dict | None = None, 
     return out
 
 
+FUSION_METHODS = ("minCE", "avgCE", "softmax")
+
+
+def check_fusion_row(name: str, row: dict | None, *, teachers=None, training: dict | None = None,
+                     where: str = "") -> dict:
+    """One fusion row checked as a whole: ``teachers`` (a list from ``fusion_teachers``; default all),
+    ``method`` (for several teachers) and training settings; {loss: ce} trains on the references."""
+    at = f"{where}fusion row {name!r}: "
+    if not isinstance(name, str) or not name.strip() or "/" in name or name.startswith("."):
+        raise SettingsError(f"{where}fusion row name {name!r}: use letters, digits, '-' or '_' (it names a folder)")
+    if name == CONTROL_ROW:
+        raise SettingsError(f"{at}the name is taken by the untouched student's row; choose another")
+    if not isinstance(row, dict | None):
+        raise SettingsError(f"{at}a row is a mapping of settings, got {row!r}")
+    row = dict(row or {})
+    names, method = row.pop("teachers", None), row.pop("method", None)
+    if names is not None:
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            raise SettingsError(f"{at}teachers must be a non-empty list of names from fusion_teachers, got {names!r}")
+        unknown = [n for n in names if teachers is not None and n not in teachers]
+        if unknown:
+            raise SettingsError(f"{at}teacher(s) {unknown} are not in fusion_teachers ({', '.join(teachers or [])})")
+    if method is not None and method not in FUSION_METHODS:
+        raise SettingsError(f"{at}unknown method {method!r}{suggest(str(method), FUSION_METHODS)}; "
+                            f"choose one of {', '.join(FUSION_METHODS)}")
+    if "strategy" in row:
+        raise SettingsError(f"{at}'strategy' belongs to variants; fusion teachers read under fusion_strategy")
+    out = check_training(row, at)
+    return {**({"teachers": names} if names is not None else {}), **({"method": method} if method else {}), **out}
+
+
 def check_params(params: dict, *, origins: dict[str, str] | None = None, readers: set[str] | None = None) -> dict:
     """Check (and coerce) merged parameters; returns a new dict.
 
@@ -465,6 +507,10 @@ def check_params(params: dict, *, origins: dict[str, str] | None = None, readers
     if "variant_spec" in out:
         out["variant_spec"] = check_variant(out.get("variant", "?"), out["variant_spec"],
                                             training=out.get("training"), where=o("variants"))
+    if "fusion_rows" in out:
+        out["fusion_rows"] = {name: check_fusion_row(name, row, teachers=out.get("fusion_teachers"),
+                                                     where=o("fusion_rows"))
+                              for name, row in out["fusion_rows"].items()}
     for name, spec in (out.get("experiments") or {}).items():
         if not isinstance(spec, dict) or "model" not in spec or set(spec) - {"model", "adapter"}:
             raise SettingsError(f"{o('experiments')}experiment {name!r}: expected {{model: <id>, adapter: <folder or null>}}, "

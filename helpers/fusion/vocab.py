@@ -62,9 +62,9 @@ class VocabMap:
 
     @property
     def coverage(self) -> float:
-        """Share of the teacher's ids (those that decode to whole characters) that map."""
-        usable = sum(t is not None for t in self.teacher_texts)
-        return float((self.student_id >= 0).sum()) / max(1, usable)
+        """Share of the teacher's ids that map (ids that are no whole character map only between
+        identical tokenizers)."""
+        return float((self.student_id >= 0).sum()) / max(1, len(self.student_id))
 
     def pairs(self) -> list[tuple[int, int]]:
         """The (teacher id, student id) pairs matched by text."""
