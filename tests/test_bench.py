@@ -17,6 +17,7 @@ def test_bench_writes_its_figures(tiny_dir, tmp_path):
     # each reported ratio is the ratio of the reported times it was computed from
     assert result["capture_ratio"] == pytest.approx(result["capture_s"] / result["plain_s"], rel=1e-12)
     assert result["kd_step_ratio"] == pytest.approx(result["kd_step_s"] / result["ce_step_s"], rel=1e-12)
+    assert result["cross_kd_step_ratio"] == pytest.approx(result["cross_kd_step_s"] / result["same_kd_step_s"], rel=1e-12)
     bound = result["collm_base_s_per_token"] + result["collm_rate"] * result["collm_assistant_s_per_token"]
     assert result["collm_cost_ratio"] == pytest.approx(result["collm_s_per_token"] / bound, rel=1e-12)
     assert result["collm_reread_speedup"] == pytest.approx(
@@ -24,7 +25,7 @@ def test_bench_writes_its_figures(tiny_dir, tmp_path):
     # the store's arrays measured in the file cost exactly 6k + 12 bytes per token (k = 8)
     assert result["array_bytes_per_token"] == 6 * 8 + 12 == result["measured_array_bytes_per_token"]
     assert result["bytes_per_token"] > result["measured_array_bytes_per_token"]  # plus the header
-    assert set(result["met"]) == {"capture_ratio", "kd_step_ratio", "bytes_per_token", "collm_cost_ratio",
+    assert set(result["met"]) == {"capture_ratio", "kd_step_ratio", "cross_kd_step_ratio", "bytes_per_token", "collm_cost_ratio",
                                   "collm_reread_speedup", "fp32_bf16_generate_ratio", "fp32_bf16_train_ratio",
                                   "auto_picks_faster_dtype", "spec_measured_over_predicted", "spec_ours_over_assisted",
                                   *(f"align_{f}_{n}" for f in ("ratio", "e2e_ratio", "one_to_one_share")
@@ -67,7 +68,7 @@ def test_bench_quick_fills_in_small_settings_and_prints_as_it_goes(tiny_dir, tmp
     assert {k: result["setup"][k] for k in bench.QUICK} == bench.QUICK and result["setup"]["quick"] is True
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if line.startswith("(")]
-    assert [line[:3] for line in lines[:4]] == ["(a)", "(b)", "(d)", "(c)"]  # each figure as it is measured
+    assert [line[:3] for line in lines[:5]] == ["(a)", "(b)", "(h)", "(d)", "(c)"]  # each figure as it is measured
     assert "fp32_bf16_train_ratio" not in result and "align_per_size" not in result
 
 
