@@ -20,6 +20,22 @@ After "Learning to Decode Collaboratively with Multiple Language Models" (Shen e
   +inf = never, −inf = always, since σ rounds to 1.0 for a confident head).
   Both models keep KV caches; the assistant is only run when some row defers, and then reads
   every token it has not seen yet in one forward pass. Each token records who wrote it.
+
+Across tokenizers (an assistant from another family) the two sequences of token ids no longer
+correspond, so the response is kept as text and the tokenizations are lined up by character
+offsets (``helpers.fusion.align``):
+- Training: the assistant's stored log-probs of the reference solution (its own tokens) are put
+  on the base's tokens piece by piece (``assistant_on_base``): a 1:1 piece carries the assistant's
+  log-prob of that token; an n-token piece the chain-rule log-prob of the whole piece, split evenly
+  over its base tokens (their product is the piece's probability); the assistant "has the top-1"
+  on a piece when its top-1 is each of its tokens there.
+- Decoding (``co_generate`` with ``asst_tok``): when the base defers, the assistant continues the
+  same text (its tokens for it: its own as written, the base's text as its tokenizer splits it)
+  and writes tokens until its text ends a piece of the alignment of both tokenizations (looking
+  at the token it would write next, so no word is split), at most ``asst_chunk`` tokens; then the
+  base takes its tokens for the new text and decides again. ``max_new_tokens`` counts tokens
+  written, each in its writer's tokenizer, so never deferring is the base's greedy output and
+  always deferring the assistant's.
 """
 from __future__ import annotations
 
@@ -37,6 +53,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 # transformers 5.x renamed the KV-cache argument and output field (past_key_values -> cache)
 _CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+ASST_CHUNK = 8  # across tokenizers: at most this many assistant tokens per deferral (fewer where a piece ends)
 
 
 def _run(model, past=None, **kw):
@@ -81,13 +98,17 @@ def load_head(path: str | Path, device="cpu") -> DeferralHead:
     return head.to(device).eval()
 
 
-def check_same_tokenizer(base_tok, asst_tok, base_name: str = "base", asst_name: str = "assistant") -> None:
+def cross_tokenizer(tok, asst_tok):
+    """``(tok, asst_tok)`` when the assistant's token ids mean something else than the base's (the
+    cross-tokenizer paths), None when there is one tokenizer (``asst_tok`` None or equal)."""
     from .models import tokenizer_fingerprint
 
-    a, b = tokenizer_fingerprint(base_tok), tokenizer_fingerprint(asst_tok)
-    if a != b:
-        raise ValueError(f"Co-LLM needs one tokenizer: {base_name!r} uses {a}, {asst_name!r} uses {b}. "
-                         "Choose an assistant from the base model's family.")
+    if asst_tok is None or asst_tok is tok:
+        return None
+    # vocabularies of different sizes differ, so the hash (a sort of the whole vocabulary) is rarely needed
+    if len(asst_tok) == len(tok) and tokenizer_fingerprint(asst_tok) == tokenizer_fingerprint(tok):
+        return None
+    return tok, asst_tok
 
 
 def base_forward(model, head, input_ids, attention_mask, position_ids=None, past_key_values=None, use_cache=False):
@@ -136,34 +157,99 @@ def _batches(examples, batch_size, pad_id):
         yield chunk, collate(chunk, pad_id)
 
 
-def _aligned(chunk, batch, store, field: str) -> torch.Tensor:
-    """A per-token store field laid out like the collated batch's targets (zeros elsewhere)."""
+def assistant_on_base(tok, asst_tok, example, rec, where="the assistant store"):
+    """The assistant's stored log-probs of a reference solution (``rec``: its own tokens, scored by
+    teacher forcing) put on the base's tokens of the same text (``example``), by the alignment of
+    both tokenizations by character offsets. Returns (log-prob per base target token, whether the
+    assistant's top-1 agrees there, the pieces of the text).
+
+    A 1:1 piece carries the assistant's log-prob of that token. A piece of n base tokens carries the
+    chain-rule log-prob of the piece (the sum over the assistant's tokens in it) split evenly, L/n
+    on each, so the per-token probabilities multiply to the piece's probability and the marginal
+    likelihood of "always the assistant" is the assistant's log-likelihood of the text. Its top-1
+    agrees on a piece when it is each of the assistant's tokens there. The closing end-of-sequence
+    tokens form one more 1:1 piece."""
+    from .fusion.align import align_offsets, token_offsets
+
+    target = example.input_ids[example.n_prompt:]
+    asst = [int(t) for t in rec.token_ids]
+    if not target or target[-1] != tok.eos_token_id or not asst or asst[-1] != asst_tok.eos_token_id:
+        raise ValueError(f"example {example.id!r} (or its record in {where}) does not end with end-of-sequence, "
+                         "e.g. it was cut at max_length: across tokenizers only whole solutions can be aligned")
+    text = tok.decode(target[:-1], clean_up_tokenization_spaces=False)
+    ids_b, spans_b = token_offsets(tok, text)
+    ids_a, spans_a = token_offsets(asst_tok, text)
+    if ids_b != target[:-1]:
+        raise ValueError(f"example {example.id!r}: the base tokenizer does not give back its tokens from their text "
+                         f"({text[:40]!r}…); aligning needs a tokenizer that round-trips the solutions")
+    if ids_a != asst[:-1]:
+        raise ValueError(f"{where}: tokens of {example.id!r} are not the assistant tokenizer's tokens of the training "
+                         "example's text; build it from the same records (mode 'score')")
+    pieces = align_offsets(spans_b, spans_a, len(text))
+    lp = np.asarray(rec.token_logprobs, np.float64)
+    hit = np.asarray(rec.topk_ids[:, 0]) == np.asarray(asst)
+    logp, agree = np.empty(len(target)), np.empty(len(target), bool)
+    for p in pieces:
+        if p.a_end == p.a_start or p.b_end == p.b_start:
+            raise ValueError(f"example {example.id!r}: characters {p.start}:{p.end} ({text[p.start:p.end]!r}) have "
+                             f"no {'base' if p.a_end == p.a_start else 'assistant'} token ({p.kind} piece), so the "
+                             "assistant's log-probs cannot be put on base tokens there")
+        logp[p.a_start:p.a_end] = lp[p.b_start:p.b_end].sum() / (p.a_end - p.a_start)
+        agree[p.a_start:p.a_end] = hit[p.b_start:p.b_end].all()
+    logp[-1], agree[-1] = lp[-1], hit[-1]
+    return logp, agree, pieces
+
+
+def alignment_summary(tok, asst_tok, examples, store) -> dict:
+    """How the assistant's tokens line up with the base's on ``examples``: pieces by kind, the share
+    of 1:1 pieces and the share of base tokens (end-of-sequence left out) that lie in them."""
+    kinds, tokens, one = {}, 0, 0
+    for e in examples:
+        *_, pieces = assistant_on_base(tok, asst_tok, e, store.get(e.id), store.path)
+        for p in pieces:
+            kinds[p.kind] = kinds.get(p.kind, 0) + 1
+            tokens += p.a_end - p.a_start
+            one += p.a_end - p.a_start if p.kind == "1:1" else 0
+    n = sum(kinds.values())
+    return {"pieces": n, "share 1:1": kinds.get("1:1", 0) / max(n, 1), "base tokens in 1:1": one / max(tokens, 1),
+            "kinds": dict(sorted(kinds.items()))}
+
+
+def _aligned(chunk, batch, store, field: str, cross=None) -> torch.Tensor:
+    """A per-token store field laid out like the collated batch's targets (zeros elsewhere); across
+    tokenizers (``cross`` = (tok, asst_tok)) put on the base's tokens by ``assistant_on_base``, the
+    top-1 then being the target where the assistant agrees and −1 (no token) elsewhere."""
     out = torch.zeros(batch["targets"].shape, dtype=torch.float32)
     for b, e in enumerate(chunk):
         rec = store.get(e.id)
         n = len(e.input_ids) - e.n_prompt
-        if list(rec.token_ids[:n]) != e.input_ids[e.n_prompt:]:
+        if cross is not None:
+            logp, agree, _ = assistant_on_base(*cross, e, rec, store.path)
+            values = logp if field == "logp" else np.where(agree, e.input_ids[e.n_prompt:], -1)
+        elif list(rec.token_ids[:n]) != e.input_ids[e.n_prompt:]:
             raise ValueError(f"assistant store {store.path}: tokens of {e.id!r} differ from the training example; "
                              "build it from the same records (mode 'score')")
-        values = rec.token_logprobs if field == "logp" else rec.topk_ids[:, 0]
+        else:
+            values = rec.token_logprobs if field == "logp" else rec.topk_ids[:, 0]
         out[b, e.n_prompt - 1:len(e.input_ids) - 1] = torch.as_tensor(np.asarray(values[:n], np.float32))
     return out
 
 
 @torch.no_grad()
-def frozen_features(base, tok, examples, store, batch_size: int = 8) -> Features:
+def frozen_features(base, tok, examples, store, batch_size: int = 8, asst_tok=None) -> Features:
     """One pass of the base over reference solutions (training or validation): hidden states, base
     and assistant log-probs of the targets, and the weak labels. The base is used as given: the
     untuned base for the head-alone path and for the weak head, the LoRA-tuned one for a jointly
-    trained head."""
+    trained head. ``asst_tok``: the assistant's tokenizer, when it may differ from ``tok``."""
+    cross = cross_tokenizer(tok, asst_tok)
     hs, bl, al, zs = [], [], [], []
     for chunk, batch in _batches(examples, batch_size, tok.pad_token_id):
         batch = {k: v.to(base.device) for k, v in batch.items()}
         out = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
         logits, hidden = out.logits[:, :-1], out.hidden_states[-1][:, :-1]
         m = batch["mask"].bool()
-        asst_logp = _aligned(chunk, batch, store, "logp").to(base.device)
-        asst_top1 = _aligned(chunk, batch, store, "top1").to(base.device).long()
+        asst_logp = _aligned(chunk, batch, store, "logp", cross).to(base.device)
+        asst_top1 = _aligned(chunk, batch, store, "top1", cross).to(base.device).long()
         z = weak_labels(logits.argmax(-1), asst_top1, batch["targets"])
         hs.append(hidden[m].float().cpu())
         bl.append(_gather_targets(logits, batch["targets"])[m].cpu())
@@ -302,11 +388,12 @@ def fit_head_marginal(head: DeferralHead, feats: Features, *, val: Features | No
 
 
 @torch.no_grad()
-def examples_nll(model, head: DeferralHead, tok, examples, store, batch_size: int = 8) -> float:
+def examples_nll(model, head: DeferralHead, tok, examples, store, batch_size: int = 8, asst_tok=None) -> float:
     """Token-mean marginal NLL of ``examples`` through ``model`` (e.g. the LoRA-tuned base) and the head."""
+    cross = cross_tokenizer(tok, asst_tok)
     total, count = 0.0, 0.0
     for chunk, batch in _batches(examples, batch_size, tok.pad_token_id):
-        asst_logp = _aligned(chunk, batch, store, "logp").to(model.device)
+        asst_logp = _aligned(chunk, batch, store, "logp", cross).to(model.device)
         batch = {k: v.to(model.device) for k, v in batch.items()}
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
         n = batch["mask"].sum().item()
@@ -318,14 +405,17 @@ def examples_nll(model, head: DeferralHead, tok, examples, store, batch_size: in
 
 def train_joint(base, head: DeferralHead, tok, examples, store, *, val_examples=None, val_store=None,
                 epochs: int = 2, lr: float = 1e-3, weight_decay: float = 1e-2, patience: int | None = 3,
-                batch_size: int = 4, lora: dict | None = None, seed: int = 0):
+                batch_size: int = 4, lora: dict | None = None, seed: int = 0, asst_tok=None):
     """Marginal-likelihood training of the head together with LoRA on the base (AdamW on the LoRA
     weights; the head gets the same L2 penalty as ``fit_head_marginal``). With ``val_examples``
     and ``val_store`` the validation marginal NLL is evaluated before training and after every
     epoch, the best epoch's LoRA and head weights are restored, and training stops after
     ``patience`` epochs without improvement. Returns ``(peft_model, curves)``: ``train_step`` (loss
-    per step), ``train`` (mean per epoch), ``validation``, ``validation_before``, ``best_epoch``."""
+    per step), ``train`` (mean per epoch), ``validation``, ``validation_before``, ``best_epoch``.
+    ``asst_tok``: the assistant's tokenizer, when it may differ from ``tok``."""
     from peft import LoraConfig, get_peft_model
+
+    cross = cross_tokenizer(tok, asst_tok)
 
     torch.manual_seed(seed)
     lora = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -345,7 +435,7 @@ def train_joint(base, head: DeferralHead, tok, examples, store, *, val_examples=
             "epochs_run": 0, "lr": lr, "weight_decay": weight_decay, "patience": patience}
     if validate:
         model.eval()
-        hist["validation_before"] = examples_nll(model, head, tok, val_examples, val_store, batch_size)
+        hist["validation_before"] = examples_nll(model, head, tok, val_examples, val_store, batch_size, asst_tok)
         track.update(hist["validation_before"], 0, snapshot)
     order = list(range(len(examples)))
     rng = np.random.default_rng(seed)
@@ -355,7 +445,7 @@ def train_joint(base, head: DeferralHead, tok, examples, store, *, val_examples=
         shuffled = [examples[i] for i in order]
         steps = []
         for chunk, batch in _batches(shuffled, batch_size, tok.pad_token_id):
-            asst_logp = _aligned(chunk, batch, store, "logp").to(model.device)
+            asst_logp = _aligned(chunk, batch, store, "logp", cross).to(model.device)
             batch = {k: v.to(model.device) for k, v in batch.items()}
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
             loss = marginal_nll(_gather_targets(out.logits[:, :-1], batch["targets"]), asst_logp,
@@ -371,7 +461,7 @@ def train_joint(base, head: DeferralHead, tok, examples, store, *, val_examples=
         hist["epochs_run"] = epoch
         if validate:
             model.eval()
-            hist["validation"].append(examples_nll(model, head, tok, val_examples, val_store, batch_size))
+            hist["validation"].append(examples_nll(model, head, tok, val_examples, val_store, batch_size, asst_tok))
             if track.update(hist["validation"][-1], epoch, snapshot):
                 break
     if validate:
@@ -515,7 +605,8 @@ class DecodeStats:
 @torch.no_grad()
 def co_generate(base, head, tok, asst, base_prompts: list[str], asst_prompts: list[str], *, eta_logit=None,
                 random_prob=None, eta=None, seed: int = 0, max_new_tokens: int = 128, base_cache: bool = True,
-                asst_cache: bool = True, stats: DecodeStats | None = None) -> list[dict]:
+                asst_cache: bool = True, stats: DecodeStats | None = None, asst_tok=None,
+                asst_chunk: int = ASST_CHUNK) -> list[dict]:
     """Greedy Co-LLM decoding of a batch. Row b defers token t to the assistant when its deferral
     logit is above ``eta_logit[b]`` (learned; +inf: never, −inf: always, exactly), or, with
     ``random_prob``, with probability random_prob[b]. ``eta`` is the same on the σ scale
@@ -527,6 +618,9 @@ def co_generate(base, head, tok, asst, base_prompts: list[str], asst_prompts: li
     then reads all tokens it has not seen in one forward pass. Returns per row: ``token_ids``,
     ``who`` (1 = assistant), ``logit`` (the deferral logit at each step), ``sigma``, ``response``,
     ``finished``.
+
+    ``asst_tok``: the assistant's tokenizer when it differs from the base's (``asst_prompts`` then
+    rendered with it); decoding then goes by text, row by row (see ``_co_generate_text``).
     """
     given = [k for k, v in (("eta_logit", eta_logit), ("eta", eta), ("random_prob", random_prob)) if v is not None]
     if len(given) != 1:
@@ -537,6 +631,16 @@ def co_generate(base, head, tok, asst, base_prompts: list[str], asst_prompts: li
     stats = stats if stats is not None else DecodeStats()
     dev = base.device
     B = len(base_prompts)
+    if cross_tokenizer(tok, asst_tok) is not None:
+        cuts = None if eta_logit is None else np.broadcast_to(np.asarray(eta_logit, dtype=np.float64), (B,))
+        probs = None if random_prob is None else np.broadcast_to(np.asarray(random_prob, dtype=np.float64), (B,))
+        rows = [_co_generate_text(base, head, tok, asst, asst_tok, bp, ap, cut=None if cuts is None else float(cuts[b]),
+                                  random_prob=None if probs is None else float(probs[b]), seed=(seed, b),
+                                  max_new_tokens=max_new_tokens, base_cache=base_cache, asst_cache=asst_cache,
+                                  asst_chunk=asst_chunk, stats=stats)
+                for b, (bp, ap) in enumerate(zip(base_prompts, asst_prompts))]
+        stats.seconds += time.perf_counter() - t0
+        return rows
     from .models import add_special_tokens
 
     add = add_special_tokens(tok)
@@ -614,6 +718,215 @@ def co_generate(base, head, tok, asst, base_prompts: list[str], asst_prompts: li
     return rows
 
 
+# --------------------------------------------------------------------------- decoding across tokenizers
+def _decode(tok, ids) -> str:
+    # no clean-up of spaces around punctuation: the text of a token list must only grow as tokens are added
+    return tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def _eos(model, tok) -> set[int]:
+    ids = model.generation_config.eos_token_id
+    return {tok.eos_token_id, *([] if ids is None else np.atleast_1d(ids).tolist())}
+
+
+class _Text:
+    """The response of one row as text, and per character who wrote it and at which decision."""
+
+    def __init__(self):
+        self.text, self.who, self.step = "", [], []
+
+    def add(self, s: str, who: int, step: int) -> None:
+        self.text += s
+        self.who += [who] * len(s)
+        self.step += [step] * len(s)
+
+    def at(self, i: int) -> tuple[int, int]:
+        i = min(max(i, 0), len(self.text) - 1)
+        return self.who[i], self.step[i]
+
+    def segments(self) -> list[list]:
+        """Runs of characters by writer: [[who, text], ...]."""
+        out = []
+        for c, w in zip(self.text, self.who):
+            if out and out[-1][0] == w:
+                out[-1][1] += c
+            else:
+                out.append([w, c])
+        return out
+
+
+class _Reader:
+    """One model's side of a row decoded across tokenizers: its prompt ids, then token ids for the
+    response text so far, each with its character span in the text and (who, decision) of its first
+    character: the tokens it wrote itself, kept as written, and the other model's text as its own
+    tokenizer splits it. A KV cache holds what it has read and is cut back where tokens change."""
+
+    def __init__(self, model, tok, prompt: str, *, head=None, cache: bool = True, stats: DecodeStats):
+        from .models import add_special_tokens
+
+        self.model, self.tok, self.head, self.cache, self.stats = model, tok, head, cache, stats
+        self.prompt = tok(prompt, add_special_tokens=add_special_tokens(tok)).input_ids
+        self.ids, self.spans, self.meta = [], [], []
+        self.covered = 0     # characters of the text these tokens stand for
+        self.pending = 0     # own tokens whose text is not out yet (a character still missing bytes)
+        self.decoded = ""    # the decoded text of ``ids`` at the last whole character
+        self.past, self.read, self.out = None, 0, None
+
+    def step(self):
+        """(next-token logits, deferral logit or None) after the prompt and the tokens so far,
+        reading only what the cache has not."""
+        if self.out is None:
+            full = self.prompt + self.ids
+            start = self.read if self.past is not None else 0
+            dev = self.model.device
+            ids = torch.tensor([full[start:]], device=dev)
+            mask = torch.ones((1, len(full)), dtype=torch.long, device=dev)
+            pos = torch.arange(start, len(full), device=dev)[None]
+            if self.head is not None:
+                logits, d, past = base_forward(self.model, self.head, ids, mask, pos, self.past, use_cache=self.cache)
+                d = float(d[0, -1].double())
+                self.stats.base_calls += 1
+            else:
+                out, past = _run(self.model, self.past, input_ids=ids, attention_mask=mask, position_ids=pos,
+                                 use_cache=self.cache)
+                logits, d = out.logits, None
+                self.stats.asst_calls += 1
+                self.stats.asst_tokens_read += ids.shape[1]
+            if self.cache:
+                self.past, self.read = past, len(full)
+            self.out = (logits[0, -1], d)
+        return self.out
+
+    def write(self, token: int, row: _Text, who: int, step: int) -> None:
+        """Append a token this model chose; its text joins the row once it ends on a whole character."""
+        self.ids.append(token)
+        self.meta.append((who, step))
+        self.pending += 1
+        self.out = None
+        self.settle(row, who, step)
+
+    def settle(self, row: _Text, who: int, step: int, final: bool = False) -> None:
+        """Add the text of pending tokens to the row, unless it ends inside a character (``final``: anyway)."""
+        if self.pending == 0:
+            return
+        text = _decode(self.tok, self.ids)
+        if text.endswith("\ufffd") and not final:  # bytes of a character still to come
+            return
+        if not text.startswith(self.decoded):
+            raise ValueError(f"decoding with {type(self.tok).__name__} {self.tok.name_or_path!r} rewrote earlier text "
+                             f"({self.decoded[-20:]!r} became {text[-20:]!r}): Co-LLM across tokenizers needs "
+                             "a decoder whose text only grows as tokens are added")
+        start = len(row.text)
+        row.add(text[len(self.decoded):], who, step)
+        self.spans += [(start, len(row.text))] * self.pending
+        self.pending, self.decoded, self.covered = 0, text, len(row.text)
+
+    def ends_piece(self, row: _Text, token: int, other_tok) -> bool:
+        """Whether the text so far ends a piece of the alignment of both tokenizations of it followed
+        by the text of ``token`` (what this model writes next): a point to hand back at that splits
+        no token of either tokenizer."""
+        from .fusion.align import align_texts
+
+        nxt = _decode(self.tok, self.ids + [token])
+        text = row.text + nxt[len(self.decoded):]
+        if len(text) == len(row.text):  # nothing more (end-of-sequence, a special token)
+            return True
+        return any(p.end == len(row.text) for p in align_texts(other_tok, self.tok, text)[2])
+
+    def sync(self, row: _Text) -> None:
+        """Catch up with text the other model wrote: keep this model's tokens up to the last piece
+        boundary between them and a re-tokenization of the whole text (a boundary both agree on),
+        then the re-tokenization; the KV cache is cut back to the tokens kept."""
+        from .fusion.align import align_offsets, token_offsets
+
+        n = len(row.text)
+        if self.covered == n:
+            return
+        ids, spans = token_offsets(self.tok, row.text)
+        k = j = 0
+        for p in align_offsets(self.spans + [(self.covered, n)], spans, n):  # the new text as one stand-in token
+            if p.a_end > len(self.ids):
+                break
+            k, j = p.a_end, p.b_end
+        self.ids = self.ids[:k] + ids[j:]
+        self.spans = self.spans[:k] + spans[j:]
+        self.meta = self.meta[:k] + [row.at(a) for a, _ in spans[j:]]
+        self.decoded, self.covered, self.out = _decode(self.tok, self.ids), n, None
+        keep = len(self.prompt) + k
+        if self.past is not None and self.read > keep:
+            if getattr(self.past, "is_croppable", True):
+                self.past.crop(keep - self.read)  # a negative count: remove that many positions
+                self.read = keep
+            else:
+                self.past, self.read = None, 0
+
+
+def _co_generate_text(base, head, tok, asst, asst_tok, base_prompt: str, asst_prompt: str, *, cut, random_prob,
+                      seed, max_new_tokens: int, base_cache: bool, asst_cache: bool, asst_chunk: int,
+                      stats: DecodeStats) -> dict:
+    """One row of Co-LLM decoding across tokenizers, the response kept as text.
+
+    At each decision the base reads its tokens of the text and gives logits and a deferral logit.
+    Not deferring, it writes its greedy token. Deferring, the assistant takes its tokens of the
+    text (``_Reader.sync``) and writes greedy tokens until the text ends a piece of the alignment of
+    both tokenizations, judged with the token it would write next (``_Reader.ends_piece``), or it
+    has written ``asst_chunk`` tokens; then the base syncs and decides again. A model's text
+    joins the response only at whole characters (a byte-level token can end inside one), so the
+    base hands over only there and the assistant goes on past ``asst_chunk`` until it gets there.
+
+    ``max_new_tokens`` counts tokens written, each in its writer's tokenizer: never deferring
+    (cut +inf) is the base's greedy ``generate`` token for token, always deferring (−inf) the
+    assistant's greedy text; either model's end-of-sequence ends the row (the base's is put on
+    its tokens when the assistant ends it). Provenance is per base token: ``who`` and ``logit`` of
+    the decision that wrote its first character (a base token can straddle a point where the base
+    handed over, when its tokenizer joins the characters there); ``segments`` has it exactly, per
+    run of characters."""
+    row, logits = _Text(), []
+    b_side = _Reader(base, tok, base_prompt, head=head, cache=base_cache, stats=stats)
+    a_side = _Reader(asst, asst_tok, asst_prompt, cache=asst_cache, stats=stats)
+    eos_b, eos_a = _eos(base, tok), _eos(asst, asst_tok)
+    rng = np.random.default_rng(list(seed))
+    budget, finished = max_new_tokens, False
+    while budget > 0 and not finished:
+        b_logits, d = b_side.step()
+        step = len(logits)
+        logits.append(d)
+        if cut is not None:
+            defer = cut < 0 if math.isinf(cut) else d > cut
+        else:
+            defer = bool(rng.random() < random_prob)
+        if not defer or b_side.pending:  # the base cannot hand over inside a character
+            t = int(b_logits.argmax())
+            b_side.write(t, row, 0, step)
+            budget -= 1
+            finished = t in eos_b
+            continue
+        a_side.sync(row)
+        written = 0
+        while budget > 0:
+            t = int(a_side.step()[0].argmax())
+            if written and not a_side.pending and (written >= asst_chunk or a_side.ends_piece(row, t, tok)):
+                break
+            a_side.write(t, row, 1, step)
+            written += 1
+            budget -= 1
+            if t in eos_a:
+                finished = True
+                break
+        b_side.sync(row)
+        if finished:
+            b_side.ids.append(tok.eos_token_id)
+            b_side.spans.append((len(row.text), len(row.text)))
+            b_side.meta.append((1, step))
+    for side, who in ((a_side, 1), (b_side, 0)):  # the cap can stop either inside a character
+        side.settle(row, who, len(logits) - 1, final=True)
+    b_side.sync(row)
+    lg = torch.tensor([logits[s] for _, s in b_side.meta], dtype=torch.float64)
+    return {"token_ids": list(b_side.ids), "who": [w for w, _ in b_side.meta], "logit": lg.tolist(),
+            "sigma": torch.sigmoid(lg).tolist(), "finished": finished, "response": row.text.strip(),
+            "segments": row.segments()}
+
+
 def deferral_frequency(rows: list[dict]) -> float:
     """Share of generated tokens written by the assistant."""
     n = sum(len(r["who"]) for r in rows)
@@ -684,21 +997,22 @@ def provenance_html(row: dict, tok, title: str = "") -> str:
 
 
 # --------------------------------------------------------------------------- runs over records
-def prompts_for(tok, records, assistant_strategy: str = "base", templates: dict | None = None):
-    """The base sees the plain question; the assistant sees its strategy prompt (``base`` = the same)."""
+def prompts_for(tok, records, assistant_strategy: str = "base", templates: dict | None = None, asst_tok=None):
+    """The base sees the plain question; the assistant sees its strategy prompt (``base`` = the same),
+    rendered with its own tokenizer's chat template when it has one (``asst_tok``)."""
     from .data import plain_solution
     from .models import prompt_text
     from .prompts import student_messages, teacher_messages
 
     base = [prompt_text(tok, student_messages(r.question)) for r in records]
-    asst = [prompt_text(tok, teacher_messages(assistant_strategy, r.question, plain_solution(r.solution), templates))
-            for r in records]
+    asst = [prompt_text(asst_tok or tok, teacher_messages(assistant_strategy, r.question, plain_solution(r.solution),
+                                                          templates)) for r in records]
     return base, asst
 
 
 def decode_grid(base, head, tok, asst, records, settings: list[dict], *, assistant_strategy: str = "base",
                 batch_size: int = 16, max_new_tokens: int = 128, seed: int = 0, progress: bool = True,
-                stats: DecodeStats | None = None) -> list[list[dict]]:
+                stats: DecodeStats | None = None, asst_tok=None, asst_chunk: int = ASST_CHUNK) -> list[list[dict]]:
     """Decode every record under every setting (``{"eta_logit": threshold}``: defer when the
     deferral logit is above it, ±inf for never / always; or ``{"random_prob": p}``). Returns rows
     per setting, each in record order with an ``id``.
@@ -707,21 +1021,23 @@ def decode_grid(base, head, tok, asst, records, settings: list[dict], *, assista
     on the setting, the records and ``batch_size``, never on which other settings are in the grid:
     in bf16, batch shape and the assistant's chunked reads change rounding enough to flip greedy
     tokens, and two settings that must agree (a threshold of −inf and the assistant alone) would
-    otherwise differ by where their rows fell."""
+    otherwise differ by where their rows fell. ``asst_tok``: the assistant's tokenizer when it
+    differs from the base's (decoding by text, see ``co_generate``)."""
     for k, s in enumerate(settings):
         if len(s) != 1 or next(iter(s)) not in ("eta_logit", "random_prob"):
             raise ValueError(f"decode_grid setting {k} is {s!r}; give exactly one of 'eta_logit' (a deferral-logit "
                              "threshold) or 'random_prob'")
     from tqdm.auto import tqdm
 
-    bp, ap = prompts_for(tok, records, assistant_strategy)
+    bp, ap = prompts_for(tok, records, assistant_strategy, asst_tok=asst_tok)
     out: list[list[dict]] = [[] for _ in settings]
     bar = tqdm(total=len(settings) * len(records), desc="co-decoding", unit="row", disable=not progress)
     for s, setting in enumerate(settings):
         (key, value), = setting.items()
         for c in range(0, len(records), batch_size):
             rows = co_generate(base, head, tok, asst, bp[c:c + batch_size], ap[c:c + batch_size],
-                               **{key: float(value)}, seed=seed + c, max_new_tokens=max_new_tokens, stats=stats)
+                               **{key: float(value)}, seed=seed + c, max_new_tokens=max_new_tokens, stats=stats,
+                               asst_tok=asst_tok, asst_chunk=asst_chunk)
             out[s] += [{"id": r.id, **row} for r, row in zip(records[c:c + batch_size], rows)]
             bar.update(len(rows))
     bar.close()

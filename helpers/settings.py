@@ -287,6 +287,8 @@ PARAMS: dict[str, Setting] = {s.name: s for s in [
     _s("collm_n_validation", _SIZE, "validation problems decoded to choose η (null: all)", optional=True,
        read_by=("04",)),
     _s("collm_n_test", _SIZE, "test problems decoded per method (null: all)", optional=True, read_by=("04",)),
+    _s("collm_asst_chunk", _SIZE, "with an assistant of another tokenizer: at most this many of its tokens per "
+       "deferral (it hands back earlier where a piece of both tokenizations ends)", read_by=("04",)),
     # speculative decoding (05)
     _s("spec_target", Text(what="a model id, folder or embedded name"), "the model speculative decoding speeds up",
        read_by=("05",)),

@@ -1,4 +1,5 @@
-"""Co-LLM invariants: limits of the threshold, cached = uncached decoding, the loss, the refusal."""
+"""Co-LLM invariants: limits of the threshold, cached = uncached decoding, the loss, the refusal; and across
+tokenizers: the same limits and cache agreement, and the assistant's log-probs put on the base's tokens."""
 import math
 
 import numpy as np
@@ -375,23 +376,254 @@ def test_joint_training_with_lora_keeps_the_best_epoch(pair, tiny_dir, tmp_path)
         assert again < curve[-1] - 1e-6
 
 
-def test_mismatched_tokenizers_are_refused(tiny_dir):
-    from conftest import CORPUS, make_tokenizer
-
-    tok = models.load_tokenizer(tiny_dir)
-    CORPUS.append("another vocabulary entirely qqq")
-    try:
-        other = make_tokenizer()
-    finally:
-        CORPUS.pop()
-    collm.check_same_tokenizer(tok, tok)
-    with pytest.raises(ValueError, match="Co-LLM needs one tokenizer"):
-        collm.check_same_tokenizer(tok, other, "base-x", "asst-y")
-
-
 def test_token_kinds_and_rates():
     assert [collm.token_kind(t) for t in [" 12", " +", " apples", ".", " ", "="]] == [
         "digit", "operator", "word", "punctuation", "space/other", "operator"]
     rows = [{"token_ids": [1, 2, 3, 4], "who": [1, 0, 0, 1]}]
     pos = collm.deferral_by_position(rows, bins=2)
     assert pos["deferral rate"].tolist() == [0.5, 0.5]
+
+
+# --------------------------------------------------------------------------- across tokenizers
+SHARED_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,+-*/=$%:()?#")
+
+
+def _ascii_bpe(vocab_size=200):
+    """Another byte-level BPE (smaller vocabulary, its own special tokens and chat template) with only
+    the corpus's characters and newline in its alphabet: a different tokenizer that round-trips them."""
+    from conftest import CORPUS
+    from tokenizers import Tokenizer, decoders, models as tk_models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(tk_models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                                       initial_alphabet=["Ċ"], show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                  pad_token="</s>")
+    tok.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+                         "{% if add_generation_prompt %}<s>assistant:\n{% endif %}")
+    return tok
+
+
+def _chatty_model(tok, seed, eos=False, chars=SHARED_CHARS):
+    """A tiny Llama whose greedy text varies (untied output layer, larger initial weights) and stays
+    in ``chars``: the output rows of every other token (and of end-of-sequence unless ``eos``) are
+    zero, so the random logits of the allowed ones win. Texts then round-trip through both tokenizers."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                      tie_word_embeddings=False, initializer_range=0.2)
+    model = LlamaForCausalLM(cfg).eval()
+    text = [tok.decode([i]) for i in range(len(tok))]
+    keep = torch.tensor([i not in tok.all_special_ids and bool(t) and set(t) <= chars for i, t in enumerate(text)])
+    if eos:
+        keep[tok.eos_token_id] = True
+    with torch.no_grad():
+        model.lm_head.weight[~keep] = 0.0
+    return model
+
+
+@pytest.fixture(scope="module")
+def cross():
+    """A base (the shared byte-level tokenizer) with a random head, and assistants with other
+    tokenizers, each with its own special tokens and template: a smaller byte-level BPE, one with no
+    merges at all (one token per character) and a Unigram/Metaspace one."""
+    from conftest import make_metaspace_tokenizer, make_tokenizer
+
+    tok = make_tokenizer()
+    base = _chatty_model(tok, 0)
+    torch.manual_seed(0)
+    head = collm.DeferralHead(base.config.hidden_size)
+    torch.nn.init.normal_(head.proj.weight, std=2.0)
+    torch.nn.init.zeros_(head.proj.bias)
+    assistants = {}
+    for name, atok, seed, chars in (("bpe", _ascii_bpe(), 1, SHARED_CHARS),
+                                    ("chars", _ascii_bpe(vocab_size=1), 8, set("Natlies ")),  # letters the base merges
+                                    ("metaspace", make_metaspace_tokenizer(chat_template=True), 2, SHARED_CHARS)):
+        assistants[name] = (_chatty_model(atok, seed, eos=True, chars=chars), atok)
+    return base, tok, head.eval(), assistants
+
+
+def _cross_prompts(tok, atok):
+    return collm.prompts_for(tok, RECORDS, "teacher", asst_tok=atok)
+
+
+def _greedy_rows(model, tok, prompts, n):
+    """Greedy ``generate`` one prompt at a time (the text path decodes row by row): ids and text."""
+    out = []
+    for p in prompts:
+        enc = tok(p, return_tensors="pt", add_special_tokens=models.add_special_tokens(tok))
+        ids = model.generate(**enc, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)[0]
+        ids = ids[enc.input_ids.shape[1]:].tolist()
+        out.append((ids, tok.decode(ids, skip_special_tokens=True).strip()))
+    return out
+
+
+@pytest.mark.parametrize("name", ["bpe", "chars", "metaspace"])
+def test_across_tokenizers_never_deferring_is_the_base_alone(cross, name):
+    base, tok, head, assistants = cross
+    asst, atok = assistants[name]
+    bp, ap = _cross_prompts(tok, atok)
+    assert collm.cross_tokenizer(tok, atok) is not None
+    ref = _greedy_rows(base, tok, bp, 12)
+    for kw in ({"eta_logit": math.inf}, {"eta": 1.0}, {"random_prob": 0.0}):
+        rows = collm.co_generate(base, head, tok, asst, bp, ap, max_new_tokens=12, asst_tok=atok, **kw)
+        assert [(r["token_ids"], r["response"]) for r in rows] == ref
+        assert all(sum(r["who"]) == 0 and len(r["logit"]) == len(r["token_ids"]) for r in rows)
+
+
+@pytest.mark.parametrize("name", ["bpe", "chars", "metaspace"])
+def test_across_tokenizers_always_deferring_is_the_assistant_alone(cross, name):
+    """The assistant's text, whatever the chunk size: it keeps its own tokens, and max_new_tokens
+    counts the tokens it writes. The base's tokens are its tokenizer's split of that text."""
+    base, tok, head, assistants = cross
+    asst, atok = assistants[name]
+    bp, ap = _cross_prompts(tok, atok)
+    n = 24
+    ref = _greedy_rows(asst, atok, ap, n)
+    assert len({text for _, text in ref}) == len(ref) and all(ref_text for _, ref_text in ref)
+    runs = {}
+    for chunk in (1, 8, 100):
+        stats = collm.DecodeStats()
+        rows = collm.co_generate(base, head, tok, asst, bp, ap, eta_logit=-math.inf, max_new_tokens=n, asst_tok=atok,
+                                 asst_chunk=chunk, stats=stats)
+        assert [r["response"] for r in rows] == [text for _, text in ref]
+        for r, (ids, _) in zip(rows, ref):
+            finished = atok.eos_token_id in ids
+            assert r["finished"] == finished and all(r["who"]) and [w for w, _ in r["segments"]] == [1]
+            assert r["token_ids"][len(r["token_ids"]) - finished:] == [tok.eos_token_id] * finished
+            assert tok.decode(r["token_ids"], skip_special_tokens=True) == r["segments"][0][1]
+        runs[chunk] = stats
+    # the assistant reads each of its positions once, however often it hands back; it hands back
+    # only where a piece ends (or at the cap), so larger chunks need no more decisions of the base
+    assert runs[1].asst_tokens_read == runs[8].asst_tokens_read == runs[100].asst_tokens_read
+    assert runs[1].base_calls >= runs[8].base_calls >= runs[100].base_calls
+    if name == "chars":  # one character per token: the base's multi-character tokens are written whole
+        assert runs[1].base_calls > runs[100].base_calls
+
+
+@pytest.mark.parametrize("name", ["bpe", "metaspace"])
+def test_across_tokenizers_at_a_mixed_threshold(cross, name):
+    """Cached and uncached decoding agree; the assistant writes exactly where the logit is above the
+    cut; the base's tokens spell the text both wrote; rows do not depend on their neighbours."""
+    base, tok, head, assistants = cross
+    asst, atok = assistants[name]
+    bp, ap = _cross_prompts(tok, atok)
+    assert ap[0].startswith("<s>") and not bp[0].startswith("<s>")  # each model reads its own template
+    alone = collm.co_generate(base, head, tok, asst, bp, ap, eta_logit=math.inf, max_new_tokens=16, asst_tok=atok)
+    cut = float(np.median([s for r in alone for s in r["logit"]]))
+    kw = dict(eta_logit=cut, max_new_tokens=16, asst_tok=atok)
+    cached_stats, plain_stats = collm.DecodeStats(), collm.DecodeStats()
+    cached = collm.co_generate(base, head, tok, asst, bp, ap, stats=cached_stats, **kw)
+    plain = collm.co_generate(base, head, tok, asst, bp, ap, base_cache=False, asst_cache=False, stats=plain_stats, **kw)
+    assert 0.1 < collm.deferral_frequency(cached) < 0.9
+    for a, b in zip(cached, plain):
+        assert (a["token_ids"], a["who"], a["segments"], a["response"]) == (b["token_ids"], b["who"], b["segments"],
+                                                                            b["response"])
+        np.testing.assert_allclose(a["logit"], b["logit"], atol=1e-4)
+        assert a["who"] == [int(x > cut) for x in a["logit"]]
+        text = "".join(t for _, t in a["segments"])
+        assert text.strip() == a["response"] and tok.decode(a["token_ids"], skip_special_tokens=True) == text
+    assert {w for r in cached for w, _ in r["segments"]} == {0, 1}
+    assert cached_stats.asst_tokens_read < plain_stats.asst_tokens_read
+    # per-row thresholds in one batch give each row's own decoding
+    cuts = [math.inf, cut, -math.inf]
+    grid = collm.co_generate(base, head, tok, asst, [bp[0]] * 3, [ap[0]] * 3, eta_logit=cuts, max_new_tokens=16,
+                             asst_tok=atok)
+    for row, c in zip(grid, cuts):
+        one = collm.co_generate(base, head, tok, asst, bp[:1], ap[:1], eta_logit=c, max_new_tokens=16, asst_tok=atok)[0]
+        assert (row["token_ids"], row["segments"]) == (one["token_ids"], one["segments"])
+
+
+def test_decode_grid_across_tokenizers(cross):
+    base, tok, head, assistants = cross
+    asst, atok = assistants["bpe"]
+    kw = dict(max_new_tokens=8, batch_size=3, progress=False, assistant_strategy="teacher", asst_tok=atok)
+    grid = collm.decode_grid(base, head, tok, asst, RECORDS, [{"eta_logit": -math.inf}, {"random_prob": 1.0},
+                                                                {"random_prob": 0.0}, {"eta_logit": math.inf},
+                                                                {"random_prob": 0.5}], **kw)
+    assert [r["id"] for r in grid[0]] == [r.id for r in RECORDS]
+    assert [r["response"] for r in grid[0]] == [r["response"] for r in grid[1]]
+    assert [r["token_ids"] for r in grid[2]] == [r["token_ids"] for r in grid[3]]
+    assert collm.deferral_frequency(grid[0]) == 1.0 and collm.deferral_frequency(grid[3]) == 0.0
+    assert 0 < collm.deferral_frequency(grid[4]) < 1
+    again = collm.decode_grid(base, head, tok, asst, RECORDS, [{"random_prob": 0.5}], **kw)[0]
+    assert [r["segments"] for r in again] == [r["segments"] for r in grid[4]]  # seeded coins
+
+
+def test_assistant_logprobs_on_base_tokens(cross, tmp_path):
+    base, tok, _, assistants = cross
+    asst, atok = assistants["bpe"]
+    store = teacher.build_store(tmp_path / "asst", RECORDS, teacher="asst", strategy="teacher", mode="score", k=1,
+                                loaded=(asst, atok), progress=False)
+    # one tokenizer on both sides: every piece is 1:1 and the mapping is the identity
+    for e in distill.build_examples(RECORDS, atok):
+        rec = store.get(e.id)
+        logp, agree, pieces = collm.assistant_on_base(atok, atok, e, rec)
+        assert all(p.kind == "1:1" for p in pieces)
+        np.testing.assert_array_equal(logp, rec.token_logprobs.astype(np.float64))
+        np.testing.assert_array_equal(agree, rec.topk_ids[:, 0] == rec.token_ids)
+    # across tokenizers: a 1:1 piece carries the assistant's log-prob of that token, an n-token piece
+    # its chain-rule log-prob split evenly; so every piece, and the whole solution, keeps its log-prob
+    examples = distill.build_examples(RECORDS, tok)
+    mapped, kinds = [], set()
+    for e in examples:
+        rec = store.get(e.id)
+        logp, agree, pieces = collm.assistant_on_base(tok, atok, e, rec)
+        lp, hit = rec.token_logprobs.astype(np.float64), rec.topk_ids[:, 0] == rec.token_ids
+        assert len(logp) == len(e.input_ids) - e.n_prompt and logp.sum() == pytest.approx(lp.sum(), abs=1e-9)
+        for p in pieces:
+            kinds.add(p.kind)
+            got = logp[p.a_start:p.a_end]
+            assert got.sum() == pytest.approx(lp[p.b_start:p.b_end].sum(), abs=1e-9) and np.ptp(got) == 0
+            assert (agree[p.a_start:p.a_end] == hit[p.b_start:p.b_end].all()).all()
+            if p.kind == "1:1":
+                assert got[0] == lp[p.b_start]
+        assert logp[-1] == lp[-1] and agree[-1] == hit[-1]  # end-of-sequence
+        mapped.append((logp, agree))
+    assert "1:1" in kinds and len(kinds) > 1
+    summary = collm.alignment_summary(tok, atok, examples, store)
+    assert summary["pieces"] == sum(summary["kinds"].values()) and 0 < summary["share 1:1"] < 1
+    assert set(summary["kinds"]) == kinds
+    # the training features carry them, and weak labels are "the assistant agrees, the base's top-1 does not"
+    feats = collm.frozen_features(base, tok, examples, store, batch_size=3, asst_tok=atok)
+    np.testing.assert_allclose(feats.asst_logp.numpy(), np.concatenate([m[0] for m in mapped]), atol=1e-6)
+    base_top1 = []
+    for e in examples:
+        with torch.no_grad():
+            base_top1.append(base(input_ids=torch.tensor([e.input_ids])).logits[0, e.n_prompt - 1:-1].argmax(-1).numpy())
+    targets = np.concatenate([e.input_ids[e.n_prompt:] for e in examples])
+    labels = np.concatenate([m[1] for m in mapped]) & (np.concatenate(base_top1) != targets)
+    np.testing.assert_array_equal(feats.labels.numpy(), labels.astype(np.float32))
+    # the marginal NLL through the model equals the one on cached features; joint training reads the same values
+    head = collm.DeferralHead(base.config.hidden_size)
+    torch.nn.init.normal_(head.proj.weight, std=0.5)
+    nll = collm.examples_nll(base, head, tok, examples, store, asst_tok=atok)
+    assert nll == pytest.approx(collm.features_nll(head, feats), abs=1e-5)
+    fresh = _chatty_model(tok, 0)  # LoRA wraps the model it is given
+    _, hist = collm.train_joint(fresh, head, tok, examples[:2], store, val_examples=examples, val_store=store, epochs=1,
+                                lr=1e-3, batch_size=2, lora={"lora_dropout": 0.0}, asst_tok=atok)
+    assert hist["validation_before"] == pytest.approx(nll, abs=1e-5)
+
+
+def test_across_tokenizers_refusals(cross, tmp_path):
+    base, tok, _, assistants = cross
+    asst, atok = assistants["bpe"]
+    store = teacher.build_store(tmp_path / "asst", RECORDS, teacher="asst", strategy="teacher", mode="score", k=1,
+                                loaded=(asst, atok), progress=False)
+    examples = distill.build_examples(RECORDS, tok)
+    with pytest.raises(ValueError, match="tokens of 'r0' differ from the training example"):
+        collm.frozen_features(base, tok, examples, store)  # the assistant's tokenizer not given
+    cut = distill.build_examples(RECORDS, tok, max_length=len(examples[0].input_ids) - 2)
+    with pytest.raises(ValueError, match="'r0' .*does not end with end-of-sequence"):
+        collm.frozen_features(base, tok, cut, store, asst_tok=atok)
+    swapped = [Record(r.id, r.question, o.solution, o.answer) for r, o in zip(RECORDS, RECORDS[1:] + RECORDS[:1])]
+    other = teacher.build_store(tmp_path / "other", swapped, teacher="asst", strategy="teacher", mode="score", k=1,
+                                loaded=(asst, atok), progress=False)
+    with pytest.raises(ValueError, match="tokens of 'r0' are not the assistant tokenizer's tokens"):
+        collm.frozen_features(base, tok, examples, other, asst_tok=atok)

@@ -8,7 +8,8 @@
   teacher; ``fuse``: MinCE / AvgCE / softmax teacher weights, fused examples and batches;
 - ``run``: notebook 06's steps (stores and targets per teacher, one row's training, held-out measures).
 
-Imports flow one way: this package uses the rest of ``helpers``; nothing there imports it.
+Imports flow one way: this package uses the ground of ``helpers`` (models, teacher, losses, distill);
+``collm`` uses ``align`` for an assistant with another tokenizer; nothing here imports ``collm``.
 """
 from .align import Piece, align_offsets, align_texts, id_spans, token_offsets
 from .fuse import METHODS, fused_examples, teacher_weights
