@@ -40,7 +40,10 @@ def teacher_targets(results_dir, teacher: str, student_tok, splits: dict, *, str
     stores, out, stats, loaded = {}, {}, {}, None
     for split, records in splits.items():
         path = root / split / "store"
-        probe = LogitStore(path) if (path / "manifest.json").is_file() else None
+        try:
+            probe = LogitStore(path) if (path / "manifest.json").is_file() else None
+        except ValueError:  # another store format or a damaged shard: build_store rebuilds it
+            probe = None
         want = {"examples": fingerprint([r.id for r in records]), "k": k, "strategy": strategy, "mode": "score"}
         if probe is None or not probe.complete or any(probe.manifest["settings"].get(f) != v for f, v in want.items()):
             loaded = loaded or load_model(teacher, dtype=dtype, device=device)
