@@ -283,12 +283,63 @@ def kd_loss(kind: str, student_logits, target_ids, mask, topk_ids=None, topk_log
         return ce, {"ce": ce.item(), "kd": float("nan")}
     if topk_ids is None or topk_logprobs is None:
         raise ValueError(f"loss {kind!r} needs the teacher's top-k ids and log-probs")
+    ce_t, kd_t = _per_position(kind, z, target_ids, topk_ids, topk_logprobs, tail_logprobs, T, beta)
+    ce, kd = _masked_mean(ce_t, mask), _masked_mean(kd_t, mask)
+    loss = alpha * T * T * kd + (1 - alpha) * ce
+    return loss, {"ce": ce.item(), "kd": kd.item()}
+
+
+def _per_position(kind, z, target_ids, topk_ids, topk_logprobs, tail_logprobs, T, beta):
+    """Cross-entropy of the target and the KD divergence at every position, from float logits ``z``."""
     lse1, outside = _normaliser_and_tail(z, topk_ids)
     # one gather for the target and the teacher's k ids (one sparse backward instead of two)
     picked = z.gather(-1, torch.cat([target_ids.long().unsqueeze(-1), topk_ids.long()], dim=-1))
-    ce = _masked_mean(lse1 - picked[..., 0], mask)
     lq = _fold_student(z, topk_ids, lse1, T, at_k=picked[..., 1:], outside=outside)
     lp = fold_teacher(topk_logprobs, T, tail_logprobs, vocab_size=z.shape[-1])
-    kd = _masked_mean(_divergence(kind, lp, lq, beta), mask)
+    return lse1 - picked[..., 0], _divergence(kind, lp, lq, beta)
+
+
+def chunked_kd_loss(kind: str, hidden, lm_head_weight, target_ids, mask, topk_ids=None, topk_logprobs=None, *,
+                    T: float = 1.0, alpha: float = 0.5, beta: float = 0.5, tail_logprobs=None, lm_head_bias=None,
+                    chunk: int = 256) -> tuple[torch.Tensor, dict]:
+    """``kd_loss`` from the student's last hidden states [B, L, H] and its LM head [V, H], without
+    ever holding fp32 logits for all positions: the logits of ``chunk`` positions at a time are
+    computed, reduced to the per-position CE and divergence, and dropped; the backward pass
+    recomputes each chunk's logits (activation checkpointing), so the peak holds one chunk of
+    logits instead of B·L. Same values and gradients as ``kd_loss`` on the full logits (up to the
+    order of the sums). ``hidden`` is already aligned with the targets (position j predicts token j + 1)."""
+    from torch.utils.checkpoint import checkpoint
+
+    if kind not in KINDS:
+        raise ValueError(f"unknown loss kind {kind!r}; choose one of {', '.join(KINDS)}")
+    ce_only = kind == "ce" or alpha == 0.0
+    if not ce_only and (topk_ids is None or topk_logprobs is None):
+        raise ValueError(f"loss {kind!r} needs the teacher's top-k ids and log-probs")
+    B, L = target_ids.shape
+    flat = lambda x: None if x is None else x.reshape(B * L, *x.shape[2:])  # noqa: E731
+    h, tgt, m = flat(hidden), flat(target_ids), flat(mask).float()
+    ids, lps, tails = flat(topk_ids), flat(topk_logprobs), flat(tail_logprobs)
+    keep = m > 0  # positions that count: the others need no logits at all
+    rows = keep.nonzero().squeeze(-1)
+
+    def part(h_c, w, b, rows_c):
+        z = torch.nn.functional.linear(h_c, w, b).float()
+        if ce_only:
+            ce_t = torch.logsumexp(z, -1) - z.gather(-1, tgt[rows_c].long().unsqueeze(-1)).squeeze(-1)
+            return ce_t.sum(), ce_t.new_zeros(())
+        ce_t, kd_t = _per_position(kind, z, tgt[rows_c], ids[rows_c], lps[rows_c],
+                                   None if tails is None else tails[rows_c], T, beta)
+        return ce_t.sum(), kd_t.sum()
+
+    ce_sum = kd_sum = h.new_zeros((), dtype=torch.float32)
+    for s in range(0, len(rows), chunk):
+        rows_c = rows[s:s + chunk]
+        c, k = checkpoint(part, h[rows_c], lm_head_weight, lm_head_bias, rows_c, use_reentrant=False)
+        ce_sum, kd_sum = ce_sum + c, kd_sum + k
+    n = m.sum().clamp_min(1.0)
+    ce = ce_sum / n
+    if ce_only:
+        return ce, {"ce": ce.item(), "kd": float("nan")}
+    kd = kd_sum / n
     loss = alpha * T * T * kd + (1 - alpha) * ce
     return loss, {"ce": ce.item(), "kd": kd.item()}

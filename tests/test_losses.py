@@ -250,3 +250,37 @@ def test_inside_out_logsumexp_matches_both_references_and_their_gradients():
     w = torch.randn(2, 2, 6, generator=g, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda x: sum((t * wi).sum() for t, wi in zip(losses.logsumexp_inside_out(x, ids), w)),
                                     (z.clone().requires_grad_(True),))
+
+
+# --- chunked loss from hidden states (large vocabularies) ---------------------------------------------
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd", "tv", "ce"])
+@pytest.mark.parametrize("T", [0.5, 1.0, 2.0])
+def test_chunked_loss_equals_the_plain_loss_in_value_and_gradient(kind, T):
+    """``chunked_kd_loss`` from hidden states and the LM head equals ``kd_loss`` on the full logits
+    (fp32, 1e-5) for every divergence, chunk sizes below, around and above the counted positions,
+    with masked positions inside and a bias on the head."""
+    g = torch.Generator().manual_seed(3)
+    B, L, H, V, k = 2, 23, 12, 97, 6
+    h = torch.randn(B, L, H, generator=g)
+    W, bias = torch.randn(V, H, generator=g) * 0.7, torch.randn(V, generator=g)
+    targets = torch.randint(0, V, (B, L), generator=g)
+    mask = torch.ones(B, L)
+    mask[0, :4] = 0
+    mask[1, 17:] = 0
+    ids = torch.stack([torch.randperm(V, generator=g)[:k] for _ in range(B * L)]).view(B, L, k)
+    lps = torch.log_softmax(torch.randn(B, L, k, generator=g), -1) - 0.4
+    tail = torch.log1p(-lps.exp().sum(-1))
+    for chunk in (1, 7, 64):
+        h1, W1, b1 = (t.clone().requires_grad_() for t in (h, W, bias))
+        h2, W2, b2 = (t.clone().requires_grad_() for t in (h, W, bias))
+        ref, ref_parts = losses.kd_loss(kind, torch.nn.functional.linear(h1, W1, b1), targets, mask, ids, lps, T=T, alpha=0.7,
+                                 tail_logprobs=tail)
+        got, parts = losses.chunked_kd_loss(kind, h2, W2, targets, mask, ids, lps, T=T, alpha=0.7, tail_logprobs=tail,
+                                     lm_head_bias=b2, chunk=chunk)
+        assert got.item() == pytest.approx(ref.item(), abs=1e-5)
+        assert parts["ce"] == pytest.approx(ref_parts["ce"], abs=1e-5)
+        ref.backward()
+        got.backward()
+        for a, b in ((h1, h2), (W1, W2), (b1, b2)):
+            assert torch.allclose(a.grad, b.grad, atol=1e-5)
