@@ -45,6 +45,7 @@ import torch
 from .artifacts import write_json, write_text
 
 TARGETS = {"capture_ratio": 1.10, "kd_step_ratio": 1.15, "cross_kd_step_ratio": 1.3, "collm_cost_ratio": 1.15,
+           "chunked_memory_ratio": 0.5, "chunked_time_ratio": 1.10,
            "spec_measured_over_predicted": 0.9, "spec_ours_over_assisted": 1.0, "align_ratio": 50.0}
 QUESTIONS = [
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
@@ -175,6 +176,80 @@ def bench_cross_kd_step(model, *, batch: int, length: int, k: int, repeats: int,
     peft_model.unload()
     return {"cross_kd_step_s": statistics.median(t_cross), "same_kd_step_s": statistics.median(t_same),
             "cross_kd_step_ratio": statistics.median(t_cross) / statistics.median(t_same)}
+
+
+# large vocabularies: (name, vocabulary, hidden size of a model that has it)
+LARGE_VOCABS = (("qwen2.5", 151_936, 896), ("gemma3", 262_144, 640))
+
+
+def _loss_step_peak(vocab: int, hidden: int, batch: int, length: int, k: int, chunked: bool, repeats: int, queue) -> None:
+    """In a fresh process: one KD step of the loss through the LM head (from hidden states, forward
+    and backward), plain (full fp32 logits) or chunked; puts (peak extra bytes, median seconds)."""
+    import resource
+
+    from .losses import chunked_kd_loss, kd_loss
+
+    torch.manual_seed(0)
+    cuda = torch.cuda.is_available()
+    dev = "cuda" if cuda else "cpu"
+    h = torch.randn(batch, length, hidden, device=dev, requires_grad=True)
+    w = (torch.randn(vocab, hidden, device=dev) * hidden ** -0.5).requires_grad_()
+    targets = torch.randint(0, vocab, (batch, length), device=dev)
+    mask = torch.ones(batch, length, device=dev)
+    ids = torch.randint(0, vocab, (batch, length, k), device=dev)
+    lps = torch.log_softmax(torch.randn(batch, length, k, device=dev), -1) - 1.0
+    tail = torch.full((batch, length), -1.0, device=dev)
+
+    def step():
+        if chunked:
+            loss, _ = chunked_kd_loss("forward_kl", h, w, targets, mask, ids, lps, tail_logprobs=tail)
+        else:
+            loss, _ = kd_loss("forward_kl", h @ w.T, targets, mask, ids, lps, tail_logprobs=tail)
+        loss.backward()
+        h.grad = w.grad = None
+
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:  # the maximum resident set only grows: measured from here, the inputs held
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    step()  # warm-up: its peak is the step's peak (the timed steps reuse what it allocated)
+    times = []
+    for _ in range(repeats):
+        _sync()
+        t = time.perf_counter()
+        step()
+        _sync()
+        times.append(time.perf_counter() - t)
+    peak = (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    queue.put((peak - base, statistics.median(times)))
+
+
+def bench_chunked_loss(*, batch: int, length: int, k: int, repeats: int, hidden: int | None = None) -> dict:
+    """Peak memory and time of one KD loss step through the LM head (forward and backward from the
+    hidden states), chunked ÷ plain, at Qwen's and Gemma's vocabulary sizes. Each side runs in its
+    own fresh process, so its peak is its own: on a CPU the growth of the process's maximum resident
+    set over one step once the inputs exist (gradients included, as both sides hold them), on a GPU
+    the peak allocated memory above the inputs."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = {}
+    for name, vocab, model_hidden in LARGE_VOCABS:
+        row = {"vocab": vocab, "hidden": hidden or model_hidden}
+        for chunked in (False, True):
+            q = ctx.Queue()
+            p = ctx.Process(target=_loss_step_peak, args=(vocab, row["hidden"], batch, length, k, chunked, repeats, q))
+            p.start()
+            peak, seconds = q.get()
+            p.join()
+            side = "chunked" if chunked else "plain"
+            row[f"{side}_peak_bytes"], row[f"{side}_s"] = peak, seconds
+        row["memory_ratio"] = row["chunked_peak_bytes"] / max(1, row["plain_peak_bytes"])
+        row["time_ratio"] = row["chunked_s"] / row["plain_s"]
+        out[name] = row
+    return out
 
 
 def _lora_ce_step(model, *, batch: int, length: int, seed: int = 0):
@@ -507,9 +582,9 @@ def bench_align(tok_a, tok_b, texts: list[str], *, sizes: list[int], repeats: in
 
 
 QUICK = {"batch": 4, "tokens": 24, "train_batch": 2, "train_length": 96, "repeats": 1, "collm_tokens": 16,
-         "spec_tokens": 32, "align_repeats": 10}
+         "spec_tokens": 32, "align_repeats": 10, "chunked_tokens": 1024, "chunked_hidden": 256}
 FULL = {"batch": 16, "tokens": 64, "train_batch": 4, "train_length": 256, "repeats": 3, "collm_tokens": 48,
-        "spec_tokens": 64, "align_repeats": 50}
+        "spec_tokens": 64, "align_repeats": 50, "chunked_tokens": 1024, "chunked_hidden": 0}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -541,6 +616,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--align-repeats", type=int, help="timed runs of our alignment per size in entry (g) "
                                                       "(default 50; quick 10); the DTW reference runs once")
     ap.add_argument("--skip-align", action="store_true", help="leave out the alignment throughput entry (g)")
+    ap.add_argument("--chunked-tokens", type=int, help="tokens per sequence (batch 2) in the chunked-loss entry (i) "
+                    "(default 1024)")
+    ap.add_argument("--chunked-hidden", type=int, help="hidden size in entry (i) (0: each vocabulary's model's, 896 "
+                    "and 640; quick 256)")
+    ap.add_argument("--skip-chunked", action="store_true", help="leave out the chunked-loss entry (i)")
     ap.add_argument("--out", default=None, help="folder for bench.md and bench.json (default logs/bench)")
     args = ap.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
@@ -556,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--align-tokens needs positive token counts, got {args.align_tokens!r}")
     phases = (["load", "(a) capture", "(b) KD step", "(h) cross-tokenizer KD step", "(d) Co-LLM", "(c) store"]
               + ([] if args.skip_speculative else ["(f) speculative"]) + ([] if args.skip_dtypes else ["(e) fp32 ÷ bf16"])
-              + ([] if args.skip_align else ["(g) alignment"]))
+              + ([] if args.skip_align else ["(g) alignment"]) + ([] if args.skip_chunked else ["(i) chunked loss"]))
     bar = tqdm(total=len(phases), desc="benchmark", unit="figure")
 
     def done(line: str) -> None:
@@ -623,6 +703,17 @@ def main(argv: list[str] | None = None) -> int:
         al = {"align_tokenizer_a": args.model, "align_tokenizer_b": name_b,
               "align_per_size": per_size, **{f"align_ratio_{n}": r["ratio"] for n, r in per_size.items()},
               **{f"align_e2e_ratio_{n}": r["e2e_ratio"] for n, r in per_size.items()}}
+    ch = {}
+    if not args.skip_chunked:
+        bar.set_postfix_str("(i) chunked loss")
+        ch = bench_chunked_loss(batch=2, length=args.chunked_tokens, k=args.k, repeats=args.repeats,
+                                hidden=args.chunked_hidden or None)
+        for name, r in ch.items():
+            bar.write(f"(i) chunked ÷ plain KD loss step at vocabulary {r['vocab']} ({name}, hidden {r['hidden']}, "
+                      f"2×{args.chunked_tokens} tokens): peak memory {r['chunked_peak_bytes'] / 2**20:.0f} / "
+                      f"{r['plain_peak_bytes'] / 2**20:.0f} MiB = {r['memory_ratio']:.3f} (target ≤ "
+                      f"{TARGETS['chunked_memory_ratio']}), time {r['time_ratio']:.3f} (target ≤ {TARGETS['chunked_time_ratio']})")
+        bar.update(1)
     bar.close()
 
     checks = {
@@ -649,11 +740,18 @@ def main(argv: list[str] | None = None) -> int:
         checks[f"align_ratio_{n}"] = (r["ratio"], f"≥ {TARGETS['align_ratio']:.0f}", r["ratio"] >= TARGETS["align_ratio"])
         checks[f"align_e2e_ratio_{n}"] = (r["e2e_ratio"], "reported", True)
         checks[f"align_one_to_one_share_{n}"] = (r["one_to_one_share"], "reported", True)
+    for name, r in ch.items():
+        checks[f"chunked_memory_ratio_{name}"] = (r["memory_ratio"], f"≤ {TARGETS['chunked_memory_ratio']}",
+                                                  r["memory_ratio"] <= TARGETS["chunked_memory_ratio"])
+        checks[f"chunked_time_ratio_{name}"] = (r["time_ratio"], f"≤ {TARGETS['chunked_time_ratio']}",
+                                                r["time_ratio"] <= TARGETS["chunked_time_ratio"])
     setup = {"model": args.model, **loaded, "quick": args.quick, "batch": args.batch,
              "tokens": args.tokens, "k": args.k, "collm_rate": args.collm_rate, "collm_tokens": args.collm_tokens, "train_batch": args.train_batch, "train_length": args.train_length,
              "repeats": args.repeats, "spec_tokens": args.spec_tokens,
              **({} if args.skip_align else {"align_tokenizer": args.align_tokenizer, "align_tokens": align_sizes}),
-             "align_repeats": args.align_repeats, "torch": torch.__version__, "threads": torch.get_num_threads(),
+             "align_repeats": args.align_repeats,
+             "chunked_tokens": args.chunked_tokens, "chunked_hidden": args.chunked_hidden,
+             "torch": torch.__version__, "threads": torch.get_num_threads(),
              "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
     lines = ["# Benchmark", "", ", ".join(f"{k}={v}" for k, v in setup.items()), "",
              "| figure | value | target | met |", "|---|---|---|---|"]
@@ -684,6 +782,7 @@ def main(argv: list[str] | None = None) -> int:
             + f"; output equals plain generate: {sp['spec_identical']} (ours), {sp['spec_assisted_identical']} (assisted).")
     write_text(out / "bench.md", "\n".join(lines) + "\n")
     write_json(out / "bench.json", {"setup": setup, **cap, **kd, **xk, **st, **co, **dt, **sp, **al,
+                                    **({"chunked": ch} if ch else {}),
                                     "met": {name: ok for name, (_, _, ok) in checks.items()}})
     print("\n".join(lines[4:]))
     print(f"written to {out / 'bench.md'}")

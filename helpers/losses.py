@@ -299,17 +299,53 @@ def _per_position(kind, z, target_ids, topk_ids, topk_logprobs, tail_logprobs, T
     return lse1 - picked[..., 0], _divergence(kind, lp, lq, beta)
 
 
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """Loss through the LM head, a chunk of positions at a time, with the gradients of the hidden
+    states and the head taken chunk by chunk in the forward pass (the fused linear cross-entropy
+    pattern): each chunk's logits exist only while that chunk is processed, and nothing is
+    recomputed (one forward and two backward matrix products, as for the full logits)."""
+
+    @staticmethod
+    def forward(ctx, h, w, b, rows, chunk, terms, scale_ce, scale_kd, sums):
+        grad_h, grad_w = torch.zeros_like(h), torch.zeros_like(w)
+        grad_b = None if b is None else torch.zeros_like(b)
+        total = ce_sum = kd_sum = 0.0
+        contiguous = len(rows) > 0 and int(rows[-1] - rows[0]) == len(rows) - 1
+        for s in range(0, len(rows), chunk):
+            # a run of positions is a slice (views, no copies of the hidden states)
+            r = slice(int(rows[s]), int(rows[min(s + chunk, len(rows)) - 1]) + 1) if contiguous else rows[s:s + chunk]
+            with torch.enable_grad():
+                z = torch.nn.functional.linear(h[r], w, b).detach().requires_grad_()
+                ce_t, kd_t = terms(z.float(), r)
+                part = scale_ce * ce_t.sum() + (scale_kd * kd_t.sum() if kd_t is not None else 0.0)
+                (dz,) = torch.autograd.grad(part, z)
+            grad_h[r] = dz @ w
+            grad_w.addmm_(dz.T, h[r])  # in place: no [V, H] temporary per chunk
+            if grad_b is not None:
+                grad_b += dz.sum(0)
+            total += part.item()
+            ce_sum += ce_t.sum().item()
+            kd_sum += kd_t.sum().item() if kd_t is not None else 0.0
+        ctx.save_for_backward(grad_h, grad_w, *([] if grad_b is None else [grad_b]))
+        sums.update(ce=ce_sum, kd=kd_sum)
+        return h.new_tensor(total, dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, g):
+        grad_h, grad_w, *rest = ctx.saved_tensors
+        g = g.to(grad_h.dtype)
+        return grad_h * g, grad_w * g, (rest[0] * g if rest else None), None, None, None, None, None, None
+
+
 def chunked_kd_loss(kind: str, hidden, lm_head_weight, target_ids, mask, topk_ids=None, topk_logprobs=None, *,
                     T: float = 1.0, alpha: float = 0.5, beta: float = 0.5, tail_logprobs=None, lm_head_bias=None,
-                    chunk: int = 256) -> tuple[torch.Tensor, dict]:
+                    chunk: int = 512) -> tuple[torch.Tensor, dict]:
     """``kd_loss`` from the student's last hidden states [B, L, H] and its LM head [V, H], without
-    ever holding fp32 logits for all positions: the logits of ``chunk`` positions at a time are
-    computed, reduced to the per-position CE and divergence, and dropped; the backward pass
-    recomputes each chunk's logits (activation checkpointing), so the peak holds one chunk of
-    logits instead of B·L. Same values and gradients as ``kd_loss`` on the full logits (up to the
-    order of the sums). ``hidden`` is already aligned with the targets (position j predicts token j + 1)."""
-    from torch.utils.checkpoint import checkpoint
-
+    ever holding fp32 logits for all positions: ``chunk`` counted positions at a time, the logits
+    are computed, reduced to the per-position CE and divergence, differentiated and dropped
+    (``_ChunkedHeadLoss``), so the peak holds one chunk of logits instead of B·L and no product is
+    recomputed. Same values and gradients as ``kd_loss`` on the full logits (up to the order of the
+    sums). ``hidden`` is already aligned with the targets (position j predicts token j + 1)."""
     if kind not in KINDS:
         raise ValueError(f"unknown loss kind {kind!r}; choose one of {', '.join(KINDS)}")
     ce_only = kind == "ce" or alpha == 0.0
@@ -317,29 +353,17 @@ def chunked_kd_loss(kind: str, hidden, lm_head_weight, target_ids, mask, topk_id
         raise ValueError(f"loss {kind!r} needs the teacher's top-k ids and log-probs")
     B, L = target_ids.shape
     flat = lambda x: None if x is None else x.reshape(B * L, *x.shape[2:])  # noqa: E731
-    h, tgt, m = flat(hidden), flat(target_ids), flat(mask).float()
+    h, tgt, m = flat(hidden), flat(target_ids).long(), flat(mask).float()
     ids, lps, tails = flat(topk_ids), flat(topk_logprobs), flat(tail_logprobs)
-    keep = m > 0  # positions that count: the others need no logits at all
-    rows = keep.nonzero().squeeze(-1)
+    rows = (m > 0).nonzero().squeeze(-1)  # positions that count: the others need no logits at all
+    n = float(m.sum().clamp_min(1.0))
 
-    def part(h_c, w, b, rows_c):
-        z = torch.nn.functional.linear(h_c, w, b).float()
+    def terms(z, r):
         if ce_only:
-            ce_t = torch.logsumexp(z, -1) - z.gather(-1, tgt[rows_c].long().unsqueeze(-1)).squeeze(-1)
-            return ce_t.sum(), ce_t.new_zeros(())
-        ce_t, kd_t = _per_position(kind, z, tgt[rows_c], ids[rows_c], lps[rows_c],
-                                   None if tails is None else tails[rows_c], T, beta)
-        return ce_t.sum(), kd_t.sum()
+            return torch.logsumexp(z, -1) - z.gather(-1, tgt[r].unsqueeze(-1)).squeeze(-1), None
+        return _per_position(kind, z, tgt[r], ids[r], lps[r], None if tails is None else tails[r], T, beta)
 
-    ce_sum = kd_sum = h.new_zeros((), dtype=torch.float32)
-    for s in range(0, len(rows), chunk):
-        rows_c = rows[s:s + chunk]
-        c, k = checkpoint(part, h[rows_c], lm_head_weight, lm_head_bias, rows_c, use_reentrant=False)
-        ce_sum, kd_sum = ce_sum + c, kd_sum + k
-    n = m.sum().clamp_min(1.0)
-    ce = ce_sum / n
-    if ce_only:
-        return ce, {"ce": ce.item(), "kd": float("nan")}
-    kd = kd_sum / n
-    loss = alpha * T * T * kd + (1 - alpha) * ce
-    return loss, {"ce": ce.item(), "kd": kd.item()}
+    scale_ce, scale_kd = (1.0 if ce_only else 1 - alpha) / n, (0.0 if ce_only else alpha * T * T) / n
+    sums: dict = {}
+    loss = _ChunkedHeadLoss.apply(h, lm_head_weight, lm_head_bias, rows, chunk, terms, scale_ce, scale_kd, sums)
+    return loss, {"ce": sums["ce"] / n, "kd": float("nan") if ce_only else sums["kd"] / n}

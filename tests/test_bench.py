@@ -10,7 +10,8 @@ from helpers import bench
 def test_bench_writes_its_figures(tiny_dir, tmp_path):
     bench.main(["--model", tiny_dir, "--batch", "2", "--tokens", "5", "--k", "8", "--train-batch", "2",
                 "--train-length", "16", "--repeats", "1", "--dtype", "fp32", "--collm-tokens", "6",
-                "--align-tokenizer", "trained", "--align-tokens", "24,48", "--align-repeats", "2", "--out", str(tmp_path)])
+                "--align-tokenizer", "trained", "--align-tokens", "24,48", "--align-repeats", "2",
+                "--chunked-tokens", "8", "--chunked-hidden", "16", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "bench.json").read_text())
     # both timed runs wrote the same tokens, and the store holds exactly those
     assert result["same_tokens"] is True and result["generated_tokens"] == 10 and result["store_tokens"] == 10
@@ -29,7 +30,14 @@ def test_bench_writes_its_figures(tiny_dir, tmp_path):
                                   "collm_reread_speedup", "fp32_bf16_generate_ratio", "fp32_bf16_train_ratio",
                                   "auto_picks_faster_dtype", "spec_measured_over_predicted", "spec_ours_over_assisted",
                                   *(f"align_{f}_{n}" for f in ("ratio", "e2e_ratio", "one_to_one_share")
-                                    for n in (24, 48))}
+                                    for n in (24, 48)),
+                                  *(f"chunked_{f}_ratio_{v}" for f in ("memory", "time") for v in ("qwen2.5", "gemma3"))}
+    # (i) chunked loss: each ratio is that of the reported peaks and times, at the real vocabulary sizes
+    for name, vocab in (("qwen2.5", 151_936), ("gemma3", 262_144)):
+        r = result["chunked"][name]
+        assert r["vocab"] == vocab and r["hidden"] == 16 and r["plain_peak_bytes"] >= 0  # tiny: may not show
+        assert r["memory_ratio"] == pytest.approx(r["chunked_peak_bytes"] / max(1, r["plain_peak_bytes"]), rel=1e-12)
+        assert r["time_ratio"] == pytest.approx(r["chunked_s"] / r["plain_s"], rel=1e-12)
     # (g) alignment: DTW ÷ ours, alone and end to end (DTW's side adds its tokenization time)
     assert set(result["align_per_size"]) == {"24", "48"} and result["align_tokenizer_b"].startswith("Unigram")
     for n, r in result["align_per_size"].items():
@@ -63,7 +71,7 @@ def test_bench_writes_its_figures(tiny_dir, tmp_path):
 
 def test_bench_quick_fills_in_small_settings_and_prints_as_it_goes(tiny_dir, tmp_path, capsys):
     bench.main(["--model", tiny_dir, "--quick", "--k", "8", "--dtype", "fp32", "--skip-dtypes",
-                "--skip-align", "--out", str(tmp_path)])
+                "--skip-align", "--skip-chunked", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "bench.json").read_text())
     assert {k: result["setup"][k] for k in bench.QUICK} == bench.QUICK and result["setup"]["quick"] is True
     out = capsys.readouterr().out
