@@ -182,11 +182,38 @@ def bench_cross_kd_step(model, *, batch: int, length: int, k: int, repeats: int,
 LARGE_VOCABS = (("qwen2.5", 151_936, 896), ("gemma3", 262_144, 640))
 
 
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _reset_peak_rss() -> int:
+    """Reset this process's resident-set high-water mark (Linux: 5 > /proc/self/clear_refs) and
+    return the resident set now; where that is not possible, the maximum so far (an overestimate
+    of the base, so peaks measured from it are underestimates)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _status_bytes("VmRSS")
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _peak_rss() -> int:
+    try:
+        return _status_bytes("VmHWM")
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _loss_step_peak(vocab: int, hidden: int, batch: int, length: int, k: int, chunked: bool, repeats: int, queue) -> None:
     """In a fresh process: one KD step of the loss through the LM head (from hidden states, forward
     and backward), plain (full fp32 logits) or chunked; puts (peak extra bytes, median seconds)."""
-    import resource
-
     from .losses import chunked_kd_loss, kd_loss
 
     torch.manual_seed(0)
@@ -212,8 +239,8 @@ def _loss_step_peak(vocab: int, hidden: int, batch: int, length: int, k: int, ch
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    else:  # the maximum resident set only grows: measured from here, the inputs held
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    else:  # the resident set's high-water mark, reset here (Linux), over the resident set now
+        base = _reset_peak_rss()
     step()  # warm-up: its peak is the step's peak (the timed steps reuse what it allocated)
     times = []
     for _ in range(repeats):
@@ -222,7 +249,7 @@ def _loss_step_peak(vocab: int, hidden: int, batch: int, length: int, k: int, ch
         step()
         _sync()
         times.append(time.perf_counter() - t)
-    peak = (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss()
     queue.put((peak - base, statistics.median(times)))
 
 
