@@ -51,6 +51,8 @@ from torch import nn
 
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .teacher import eos_ids
+
 # transformers 5.x renamed the KV-cache argument and output field (past_key_values -> cache)
 _CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 ASST_CHUNK = 8  # across tokenizers: at most this many assistant tokens per deferral (fewer where a piece ends)
@@ -724,11 +726,6 @@ def _decode(tok, ids) -> str:
     return tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
-def _eos(model, tok) -> set[int]:
-    ids = model.generation_config.eos_token_id
-    return {tok.eos_token_id, *([] if ids is None else np.atleast_1d(ids).tolist())}
-
-
 class _Text:
     """The response of one row as text, and per character who wrote it and at which decision."""
 
@@ -884,7 +881,7 @@ def _co_generate_text(base, head, tok, asst, asst_tok, base_prompt: str, asst_pr
     row, logits = _Text(), []
     b_side = _Reader(base, tok, base_prompt, head=head, cache=base_cache, stats=stats)
     a_side = _Reader(asst, asst_tok, asst_prompt, cache=asst_cache, stats=stats)
-    eos_b, eos_a = _eos(base, tok), _eos(asst, asst_tok)
+    eos_b, eos_a = set(eos_ids(base, tok)), set(eos_ids(asst, asst_tok))
     rng = np.random.default_rng(list(seed))
     budget, finished = max_new_tokens, False
     while budget > 0 and not finished:

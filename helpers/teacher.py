@@ -140,9 +140,9 @@ class LoopStop(StoppingCriteria):
         return stop
 
 
-def eos_ids(model, tokenizer=None) -> list[int]:
-    """End-of-sequence ids: the model's generation config's, plus the tokenizer's (when given)."""
-    eos = model.generation_config.eos_token_id
+def eos_ids(model=None, tokenizer=None) -> list[int]:
+    """End-of-sequence ids: the model's generation config's (when given), plus the tokenizer's (when given)."""
+    eos = None if model is None else model.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [])
     if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
         eos.append(tokenizer.eos_token_id)

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..teacher import eos_ids
 from .align import align_offsets, id_spans, token_offsets
 
 NONE, TOKEN, PIECE = 0, 1, 2  # unit kinds per student position: CE only, token KD, end of a multi-token piece
@@ -85,7 +86,7 @@ def _move(ids: np.ndarray, lps: np.ndarray, tail: float, to_student: np.ndarray,
 
 def map_record(record, teacher_tok, student_tok, vmap, *, student_eos: int | None = None) -> tuple[Targets, dict]:
     """``record`` (a ``TeacherRecord``) as student targets, and counts for the alignment statistics."""
-    teacher_eos = set(vmap.by_role) | set(_ids(teacher_tok.eos_token_id))
+    teacher_eos = set(vmap.by_role) | set(eos_ids(tokenizer=teacher_tok))
     student_eos = student_tok.eos_token_id if student_eos is None else student_eos
     ids = [int(i) for i in record.token_ids]
     finished = bool(ids) and ids[-1] in teacher_eos
@@ -123,10 +124,6 @@ def map_record(record, teacher_tok, student_tok, vmap, *, student_eos: int | Non
     counts["student_tokens_in_1to1"] = len(pairs)
     counts["token_units"] = len(pairs)
     return t, counts
-
-
-def _ids(x) -> list[int]:
-    return [x] if isinstance(x, int) else list(x or [])
 
 
 def alignment_stats(counts: list[dict], bytes_per_token: float | None = None) -> dict:

@@ -77,15 +77,11 @@ class VocabMap:
                                          / max(1, self.student_size), 4)}
 
 
-def _eos(tokenizer) -> list[int]:
-    ids = tokenizer.eos_token_id
-    return [ids] if isinstance(ids, int) else list(ids or [])
-
-
 def build_vocab_map(teacher_tok, student_tok) -> VocabMap:
     """Map the teacher's ids to the student's by exact decoded text (see the module notes).
     Identical tokenizers map every id to itself, bytes that are no whole character included."""
     from ..models import tokenizer_fingerprint
+    from ..teacher import eos_ids
 
     t_texts, s_texts = token_texts(teacher_tok), token_texts(student_tok)
     if tokenizer_fingerprint(teacher_tok) == tokenizer_fingerprint(student_tok):
@@ -102,9 +98,9 @@ def build_vocab_map(teacher_tok, student_tok) -> VocabMap:
         chosen[text] = min(ids)
     student_id = np.array([chosen.get(t, -1) if t is not None else -1 for t in t_texts], dtype=np.int32)
     by_role = {}
-    s_eos = _eos(student_tok)
+    s_eos = eos_ids(tokenizer=student_tok)
     if s_eos:
-        for a in _eos(teacher_tok):
+        for a in eos_ids(tokenizer=teacher_tok):
             if a < len(student_id) and student_id[a] not in s_eos:
                 student_id[a] = s_eos[0]
                 by_role[a] = s_eos[0]
