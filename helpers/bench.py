@@ -96,29 +96,44 @@ def bench_capture(model, tok, *, batch: int, tokens: int, k: int, repeats: int) 
             "same_tokens": same, "generated_tokens": n_tokens, "rows": out[True]}
 
 
-def bench_kd_step(model, *, batch: int, length: int, k: int, repeats: int) -> dict:
+def _lora_student(model, *, batch: int, length: int, seed: int = 0):
+    """``model`` with LoRA (q/k/v/o) in training mode, a batch of random tokens and SGD, for timed
+    training steps; also the generator, for any further random inputs. ``peft_model.unload()`` undoes it."""
     from peft import LoraConfig, get_peft_model
 
-    from .losses import kd_loss
-
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     vocab = model.config.get_text_config().vocab_size
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, task_type="CAUSAL_LM",
                                                   target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     peft_model.train()
-    dev = peft_model.device
-    ids = torch.randint(0, vocab, (batch, length), generator=g).to(dev)
-    mask = torch.ones(batch, length - 1, device=dev)
-    topk_ids = torch.randint(0, vocab, (batch, length - 1, k), generator=g).to(dev)
-    topk_lps = torch.log_softmax(torch.randn(batch, length - 1, k, generator=g), -1).to(dev)
+    ids = torch.randint(0, vocab, (batch, length), generator=g).to(peft_model.device)
     opt = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+    return peft_model, ids, opt, g
+
+
+def _sparse_teacher(g, vocab: int, shape: tuple, k: int, device):
+    """Random top-k ids and log-probs of a teacher at every position of ``shape``."""
+    topk_ids = torch.randint(0, vocab, (*shape, k), generator=g).to(device)
+    return topk_ids, torch.log_softmax(torch.randn(*shape, k, generator=g), -1).to(device)
+
+
+def _sgd_step(opt, loss) -> None:
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def bench_kd_step(model, *, batch: int, length: int, k: int, repeats: int) -> dict:
+    from .losses import kd_loss
+
+    peft_model, ids, opt, g = _lora_student(model, batch=batch, length=length)
+    dev = peft_model.device
+    mask = torch.ones(batch, length - 1, device=dev)
+    topk_ids, topk_lps = _sparse_teacher(g, model.config.get_text_config().vocab_size, (batch, length - 1), k, dev)
 
     def step(kind):
         logits = peft_model(input_ids=ids).logits[:, :-1]
-        loss, _ = kd_loss(kind, logits, ids[:, 1:], mask, topk_ids, topk_lps, T=1.0, alpha=0.5)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+        _sgd_step(opt, kd_loss(kind, logits, ids[:, 1:], mask, topk_ids, topk_lps, T=1.0, alpha=0.5)[0])
 
     t_kd, t_ce = _alternate(lambda: step("forward_kl"), lambda: step("ce"), repeats)
     peft_model.unload()  # leave the base model as it was
@@ -130,23 +145,15 @@ def bench_cross_kd_step(model, *, batch: int, length: int, k: int, repeats: int,
     """One KD training step on targets moved across tokenizers (``fusion.losses``: token units with
     filler columns, multi-token piece units) ÷ one same-tokenizer KD step (``kd_loss``) on the same
     batch, ids and log-probs: the cost of distilling from a teacher with another tokenizer."""
-    from peft import LoraConfig, get_peft_model
-
     from .fusion.losses import cross_kd_loss
     from .fusion.targets import PIECE, TOKEN
     from .losses import kd_loss
 
-    g = torch.Generator().manual_seed(0)
-    vocab = model.config.get_text_config().vocab_size
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, task_type="CAUSAL_LM",
-                                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-    peft_model.train()
+    peft_model, ids, opt, g = _lora_student(model, batch=batch, length=length)
     dev = peft_model.device
     L = length - 1
-    ids = torch.randint(0, vocab, (batch, length), generator=g).to(dev)
     mask = torch.ones(batch, L, device=dev)
-    topk_ids = torch.randint(0, vocab, (batch, L, k), generator=g).to(dev)
-    topk_lps = torch.log_softmax(torch.randn(batch, L, k, generator=g), -1).to(dev)
+    topk_ids, topk_lps = _sparse_teacher(g, model.config.get_text_config().vocab_size, (batch, L), k, dev)
     tail = torch.full((batch, L), -3.0, device=dev)
     # a realistic mix: most positions 1:1 (a few unmapped columns as filler), some ending a 2-token piece
     unit = torch.full((batch, L), TOKEN, dtype=torch.long)
@@ -159,7 +166,6 @@ def bench_cross_kd_step(model, *, batch: int, length: int, k: int, repeats: int,
     teachers = {"topk_ids": topk_ids[None], "topk_logprobs": cross_lps[None], "tail_logprobs": tail[None],
                 "unit": unit[None].to(dev), "piece_len": (ends.long() * 2)[None].to(dev),
                 "piece_logprob": torch.where(ends, -1.5, float("nan"))[None].to(dev), "weight": torch.ones(1, batch, device=dev)}
-    opt = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
 
     def step(cross):
         logits = peft_model(input_ids=ids).logits[:, :-1]
@@ -168,9 +174,7 @@ def bench_cross_kd_step(model, *, batch: int, length: int, k: int, repeats: int,
         else:
             loss, _ = kd_loss("forward_kl", logits, ids[:, 1:], mask, topk_ids, topk_lps, T=1.0, alpha=0.5,
                               tail_logprobs=tail)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+        _sgd_step(opt, loss)
 
     t_cross, t_same = _alternate(lambda: step(True), lambda: step(False), repeats)
     peft_model.unload()
@@ -281,22 +285,11 @@ def bench_chunked_loss(*, batch: int, length: int, k: int, repeats: int, hidden:
 
 def _lora_ce_step(model, *, batch: int, length: int, seed: int = 0):
     """A LoRA (q/k/v/o) cross-entropy training step on random tokens, as a callable; and undo."""
-    from peft import LoraConfig, get_peft_model
-
-    g = torch.Generator().manual_seed(seed)
-    vocab = model.config.get_text_config().vocab_size
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, task_type="CAUSAL_LM",
-                                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-    peft_model.train()
-    ids = torch.randint(0, vocab, (batch, length), generator=g).to(peft_model.device)
-    opt = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+    peft_model, ids, opt, _ = _lora_student(model, batch=batch, length=length, seed=seed)
 
     def step():
         logits = peft_model(input_ids=ids).logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+        _sgd_step(opt, torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)))
 
     return step, peft_model.unload
 

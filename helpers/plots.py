@@ -20,10 +20,7 @@ def accuracy_bars(table: pd.DataFrame, path: str | Path | None = None, title: st
     ax.set_ylim(0, max(10.0, float((100 * table["CI high"]).max()) * 1.25))
     ax.set_title(title)
     ax.tick_params(axis="x", rotation=20)
-    fig.tight_layout()
-    if path is not None:
-        save(fig, path)
-    return fig
+    return _finish(fig, path)
 
 
 def save(fig, path: str | Path) -> Path:
@@ -34,6 +31,16 @@ def save(fig, path: str | Path) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
     return path
+
+
+def _finish(fig, path: str | Path | None, title: str | None = None):
+    """Title (when given), tight layout, saved to ``path`` (when given); returns the figure."""
+    if title is not None:
+        fig.suptitle(title)
+    fig.tight_layout()
+    if path is not None:
+        save(fig, path)
+    return fig
 
 
 def loss_curve(history: dict, path: str | Path | None = None, title: str = "Distillation loss"):
@@ -47,10 +54,7 @@ def loss_curve(history: dict, path: str | Path | None = None, title: str = "Dist
     ax.set_ylabel("loss")
     ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
-    if path is not None:
-        save(fig, path)
-    return fig
+    return _finish(fig, path)
 
 
 def comparison(table: pd.DataFrame, path: str | Path | None = None, title: str = "Variants compared"):
@@ -77,11 +81,7 @@ def comparison(table: pd.DataFrame, path: str | Path | None = None, title: str =
         ax.invert_yaxis()
     for ax in axes[1:]:
         ax.set_yticklabels([])
-    fig.suptitle(title)
-    fig.tight_layout()
-    if path is not None:
-        save(fig, path)
-    return fig
+    return _finish(fig, path, title)
 
 
 def deferral_curve(learned: pd.DataFrame, random: pd.DataFrame | None = None, chosen: dict | None = None,
@@ -100,10 +100,7 @@ def deferral_curve(learned: pd.DataFrame, random: pd.DataFrame | None = None, ch
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
-    if path is not None:
-        save(fig, path)
-    return fig
+    return _finish(fig, path)
 
 
 def provenance(texts_and_owners: list[tuple[str, list[tuple[str, int]]]], path: str | Path | None = None,
@@ -157,11 +154,7 @@ def deferral_breakdown(by_kind: pd.DataFrame, by_position: pd.DataFrame, path: s
     b.set_title("by position in the solution")
     b.set_xlabel("relative position")
     b.tick_params(axis="x", rotation=45)
-    fig.suptitle(title)
-    fig.tight_layout()
-    if path is not None:
-        save(fig, path)
-    return fig
+    return _finish(fig, path, title)
 
 
 def reliability(tables: dict[str, pd.DataFrame], path: str | Path | None = None,
@@ -191,10 +184,7 @@ def reliability(tables: dict[str, pd.DataFrame], path: str | Path | None = None,
     b.set_yscale("log")
     b.set_xlabel("predicted σ (bin mean)")
     b.set_ylabel("tokens")
-    fig.tight_layout()
-    if path is not None:
-        save(fig, path)
-    return fig
+    return _finish(fig, path)
 
 
 def head_training(curves: dict[str, dict], references: dict[str, float] | None = None, path: str | Path | None = None,
@@ -221,11 +211,7 @@ def head_training(curves: dict[str, dict], references: dict[str, float] | None =
         ax.set_xlabel("epoch")
         ax.set_title(name)
         ax.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    if path is not None:
-        save(fig, path)
-    return fig
+    return _finish(fig, path, title)
 
 
 def speculative_curves(table: pd.DataFrame, path: str | Path | None = None, title: str = "Speculative decoding"):
@@ -243,8 +229,4 @@ def speculative_curves(table: pd.DataFrame, path: str | Path | None = None, titl
     right.axhline(1.0, color="grey", lw=0.8)
     right.set(xlabel="γ (draft length)", ylabel="speed-up over plain generate", title="speed-up (dashed: predicted)")
     left.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    if path is not None:
-        save(fig, path)
-    return fig
+    return _finish(fig, path, title)
