@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .targets import Targets
+from .targets import FIELDS, Targets
 
 METHODS = ("minCE", "avgCE", "softmax")
 
@@ -81,13 +81,10 @@ def fused_examples(records, tokenizer, teachers: dict[str, dict[str, Targets]], 
         room = max_length - len(prompt)
         if room < 1:
             raise ValueError(f"example {r.id}: the prompt alone has {len(prompt)} tokens, over max_length={max_length}")
-        cut = [Targets(t.id, t.text, *(getattr(t, f)[:room] for f in _ARRAYS), t.teacher_nll, t.n_bytes) for t in rows]
+        cut = [Targets(t.id, t.text, *(getattr(t, f)[:room] for f in FIELDS), t.teacher_nll, t.n_bytes) for t in rows]
         w = teacher_weights([t.nll_per_byte for t in rows], method, tau) if len(rows) > 1 else np.ones(1)
         out.append(FusedExample(r.id, prompt + [int(i) for i in cut[0].token_ids], len(prompt), cut, w))
     return out
-
-
-_ARRAYS = ("token_ids", "topk_ids", "topk_logprobs", "tail_logprobs", "unit", "piece_logprob", "piece_len")
 
 
 def collate_fused(batch: list[FusedExample], pad_id: int) -> dict:
@@ -112,7 +109,7 @@ def collate_fused(batch: list[FusedExample], pad_id: int) -> dict:
         mask[b, e.n_prompt - 1:L - 1] = 1
         rows = slice(e.n_prompt - 1, L - 1)
         for i, tg in enumerate(e.targets):
-            for f in ("topk_ids", "topk_logprobs", "tail_logprobs", "unit", "piece_logprob", "piece_len"):
+            for f in FIELDS[1:]:  # all but the student's tokens, which are input_ids
                 t[f][i, b, rows] = torch.from_numpy(np.asarray(getattr(tg, f)).astype(
                     np.float32 if f in ("topk_logprobs", "tail_logprobs", "piece_logprob") else np.int64))
             t["weight"][i, b] = float(e.weights[i])

@@ -47,9 +47,10 @@ def teacher_targets(results_dir, teacher: str, student_tok, splits: dict, *, str
         want = {"examples": fingerprint([r.id for r in records]), "k": k, "strategy": strategy, "mode": "score"}
         if probe is None or not probe.complete or any(probe.manifest["settings"].get(f) != v for f, v in want.items()):
             loaded = loaded or load_model(teacher, dtype=dtype, device=device)
-            build_store(path, records, teacher=teacher, strategy=strategy, mode="score", k=k, batch_size=batch_size,
-                        shard_size=64, dtype=dtype, device=device, loaded=loaded, progress=progress)
-        stores[split] = LogitStore(path)
+            probe = build_store(path, records, teacher=teacher, strategy=strategy, mode="score", k=k,
+                                batch_size=batch_size, shard_size=64, dtype=dtype, device=device, loaded=loaded,
+                                progress=progress)
+        stores[split] = probe
     teacher_tok = loaded[1] if loaded else load_tokenizer(teacher)
     del loaded
     vmap = None
