@@ -43,16 +43,23 @@ def make_tokenizer(chat_template: bool = True, vocab_size: int = 300):
 def make_metaspace_tokenizer(chat_template: bool = False):
     """Another segmentation of the same texts: a SentencePiece-style tokenizer (Unigram, '▁' for
     spaces) with its own special tokens, as a teacher or assistant with a different vocabulary has.
+    Its vocabulary is fixed, not trained (Unigram training is not deterministic from run to run):
+    every character of CORPUS alone and after '▁', and the words CORPUS uses twice or more, whole.
     Characters outside CORPUS become <unk>, so texts meant to round-trip use CORPUS's characters."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tk = Tokenizer(models.Unigram())
+    chars = sorted(set("".join(CORPUS)) - {" "})
+    words = Counter(w for line in CORPUS for w in line.split())
+    vocab = [("<unk>", 0.0), ("<s>", 0.0), ("</s>", 0.0), ("▁", -3.0)]
+    vocab += [(c, -4.0) for c in chars] + [("▁" + c, -4.5) for c in chars]
+    vocab += [("▁" + w, -2.0) for w, n in sorted(words.items()) if n > 1 and len(w) > 1]
+    tk = Tokenizer(models.Unigram(vocab, unk_id=0))
     tk.pre_tokenizer = pre_tokenizers.Metaspace()
     tk.decoder = decoders.Metaspace()
-    trainer = trainers.UnigramTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"], unk_token="<unk>",
-                                      show_progress=False)
-    tk.train_from_iterator(CORPUS, trainer)
+    tk.add_special_tokens(["<unk>", "<s>", "</s>"])
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                   pad_token="</s>")
     if chat_template:
