@@ -29,7 +29,7 @@ def safe_name(model: str) -> str:
 def teacher_targets(results_dir, teacher: str, student_tok, splits: dict, *, strategy: str = "base", k: int = 64,
                     batch_size: int = 8, dtype: str = "auto", device: str = "auto", progress: bool = True) -> dict:
     """The teacher's targets on the student's tokens for each split: ``{split: {id: Targets}}``,
-    plus ``"stats"`` (alignment statistics over all splits and the vocabulary map's coverage)."""
+    plus ``"stats"``: per split, the alignment statistics and the vocabulary map's coverage."""
     from ..logit_store import LogitStore
     from ..models import load_model, load_tokenizer, tokenizer_fingerprint
     from ..teacher import build_store

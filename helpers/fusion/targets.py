@@ -99,8 +99,7 @@ def map_record(record, teacher_tok, student_tok, vmap, *, student_eos: int | Non
                 np.zeros((n, k), np.int32), np.full((n, k), -np.inf, np.float16), np.zeros(n, np.float32),
                 np.zeros(n, np.int8), np.full(n, np.nan, np.float32), np.zeros(n, np.int16),
                 float(-np.asarray(record.token_logprobs[:len(body)], np.float64).sum()), len(text.encode()))
-    counts = {"pieces": 0, "one_to_one": 0, "student_tokens_in_1to1": 0, "student_tokens": n,
-              "tail_mass": 0.0, "token_units": 0}
+    counts = {"pieces": 0, "one_to_one": 0, "student_tokens": n, "tail_mass": 0.0}
     pairs = [(p.a_start, p.b_start) for p in pieces if p.a_end - p.a_start == 1 and p.b_end - p.b_start == 1]
     if finished:
         pairs.append((len(body), len(s_ids)))
@@ -120,9 +119,7 @@ def map_record(record, teacher_tok, student_tok, vmap, *, student_eos: int | Non
         t.piece_logprob[j] = float(np.asarray(record.token_logprobs[p.a_start:p.a_end], np.float64).sum())
         t.piece_len[j] = lb
     counts["pieces"] = len(pieces) + finished
-    counts["one_to_one"] = len(pairs)
-    counts["student_tokens_in_1to1"] = len(pairs)
-    counts["token_units"] = len(pairs)
+    counts["one_to_one"] = len(pairs)  # 1:1 pieces: as many as student tokens in them, and token units
     return t, counts
 
 
@@ -132,8 +129,8 @@ def alignment_stats(counts: list[dict], bytes_per_token: float | None = None) ->
     if not tot:
         return {}
     out = {"pieces": tot["pieces"], "share_1to1_pieces": round(tot["one_to_one"] / max(1, tot["pieces"]), 4),
-           "share_tokens_1to1": round(tot["student_tokens_in_1to1"] / max(1, tot["student_tokens"]), 4),
-           "mean_tail_mass": round(tot["tail_mass"] / max(1, tot["token_units"]), 4)}
+           "share_tokens_1to1": round(tot["one_to_one"] / max(1, tot["student_tokens"]), 4),
+           "mean_tail_mass": round(tot["tail_mass"] / max(1, tot["one_to_one"]), 4)}
     if bytes_per_token is not None:
         out["bytes_per_token"] = round(bytes_per_token, 1)
     return out
