@@ -21,7 +21,7 @@ import pandas as pd
 from . import __version__
 from .artifacts import read_manifest, write_manifest, write_text
 from .data import Record
-from .extract import extract_details
+from .extract import extract_details, is_correct
 from .models import model_fingerprint, prompt_text
 from .prompts import student_messages
 
@@ -45,8 +45,8 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
     import torch
     from tqdm.auto import tqdm
 
+    from .backends.transformers_engine import generate_with_capture
     from .models import add_special_tokens
-    from .teacher import generate_with_capture
 
     if tokenizer.padding_side != "left":
         raise ValueError("batched generation needs a left-padding tokenizer (models.load_tokenizer sets it)")
@@ -190,10 +190,6 @@ def load_overrides(path: str | Path | None) -> dict[tuple[str, str], tuple[float
     return out
 
 
-def is_correct(pred: float | None, gold: float) -> bool:
-    return pred is not None and math.isclose(pred, gold, rel_tol=1e-6, abs_tol=1e-6)
-
-
 def score(experiment: str, records: list[Record], responses: pd.DataFrame, *, mode: str = "robust",
           overrides: dict | None = None) -> pd.DataFrame:
     """Per-question table: id, question, gold, response, extracted (-1 = none), rule, correct, needs_review.
@@ -259,7 +255,7 @@ def teacher_text_metrics(model, tokenizer, store, records: list[Record], *, batc
     """Two signals that move even when accuracy is near zero, over every solution token of the
     teacher's held-out ``records`` in ``store`` (one forward pass of ``model`` per batch):
 
-    - ``kd``: mean forward KL (T = 1, top-k with tail, see ``helpers.losses``) from the teacher's
+    - ``kd``: mean forward KL (T = 1, top-k with tail, see ``helpers.kd.losses``) from the teacher's
       stored distributions to the model: how close a student has come to its teacher;
     - ``ece``: the token-level expected calibration error (``bins`` equal-width bins) of the model's
       next-token prediction: its top probability as confidence, correct when that token is the one
@@ -268,8 +264,8 @@ def teacher_text_metrics(model, tokenizer, store, records: list[Record], *, batc
     import numpy as np
     import torch
 
-    from .distill import build_examples, collate
-    from .losses import kd_loss
+    from .kd.distill import build_examples, collate
+    from .kd.losses import kd_loss
 
     examples = build_examples(records, tokenizer, store)
     total, count = 0.0, 0.0

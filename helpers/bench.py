@@ -78,9 +78,9 @@ def _alternate(a, b, repeats: int) -> tuple[list[float], list[float]]:
 
 
 def bench_capture(model, tok, *, batch: int, tokens: int, k: int, repeats: int) -> dict:
+    from .backends.transformers_engine import generate_with_capture
     from .models import prompt_text
     from .prompts import student_messages
-    from .teacher import generate_with_capture
 
     prompts = [prompt_text(tok, student_messages(QUESTIONS[i % len(QUESTIONS)])) for i in range(batch)]
     out = {}
@@ -124,7 +124,7 @@ def _sgd_step(opt, loss) -> None:
 
 
 def bench_kd_step(model, *, batch: int, length: int, k: int, repeats: int) -> dict:
-    from .losses import kd_loss
+    from .kd.losses import kd_loss
 
     peft_model, ids, opt, g = _lora_student(model, batch=batch, length=length)
     dev = peft_model.device
@@ -147,7 +147,7 @@ def bench_cross_kd_step(model, *, batch: int, length: int, k: int, repeats: int,
     batch, ids and log-probs: the cost of distilling from a teacher with another tokenizer."""
     from .fusion.losses import cross_kd_loss
     from .fusion.targets import PIECE, TOKEN
-    from .losses import kd_loss
+    from .kd.losses import kd_loss
 
     peft_model, ids, opt, g = _lora_student(model, batch=batch, length=length)
     dev = peft_model.device
@@ -218,7 +218,7 @@ def _peak_rss() -> int:
 def _loss_step_peak(vocab: int, hidden: int, batch: int, length: int, k: int, chunked: bool, repeats: int, queue) -> None:
     """In a fresh process: one KD step of the loss through the LM head (from hidden states, forward
     and backward), plain (full fp32 logits) or chunked; puts (peak extra bytes, median seconds)."""
-    from .losses import chunked_kd_loss, kd_loss
+    from .kd.losses import chunked_kd_loss, kd_loss
 
     torch.manual_seed(0)
     cuda = torch.cuda.is_available()
@@ -297,9 +297,9 @@ def _lora_ce_step(model, *, batch: int, length: int, seed: int = 0):
 def bench_dtypes(name: str, *, batch: int, tokens: int, train_batch: int, train_length: int, repeats: int) -> dict:
     """fp32 ÷ bf16 time for plain generation (same prompts and token budget) and for one LoRA
     cross-entropy step, with the dtype ``auto`` picks on this device."""
+    from .backends.transformers_engine import generate_with_capture
     from .models import load_model, pick_dtype, prompt_text
     from .prompts import student_messages
-    from .teacher import generate_with_capture
 
     m32, tok = load_model(name, dtype="fp32")
     m16, _ = load_model(name, dtype="bf16")
@@ -332,7 +332,7 @@ def bench_store(rows: list[dict], k: int) -> dict:
     import struct
 
     from .artifacts import file_record, write_manifest
-    from .logit_store import FIELDS, STORE_FORMAT, LogitStore, shard_name, write_shard
+    from .kd.logit_store import FIELDS, STORE_FORMAT, LogitStore, shard_name, write_shard
 
     with tempfile.TemporaryDirectory() as d:
         path = write_shard(Path(d) / shard_name(0), [{"id": f"q{i}", **{key: r[key] for key in (*FIELDS, "response", "finished")}}
@@ -376,7 +376,7 @@ def bench_collm(model, tok, *, tokens: int, rate: float, repeats: int, prompts: 
         return len(row["token_ids"])
 
     def asst_alone(i):
-        from .teacher import generate_with_capture
+        from .backends.transformers_engine import generate_with_capture
         return len(generate_with_capture(model, tok, [ap[i]], max_new_tokens=tokens, capture=False)[0]["token_ids"])
 
     runs = {"base": per_token(lambda i: co(i, eta_logit=math.inf)), "assistant": per_token(asst_alone),
@@ -419,8 +419,7 @@ def bench_speculative(name: str, *, layers: int, gammas: list[int], tokens: int,
     compared token for token."""
     from .models import load_model, prompt_text
     from .prompts import student_messages
-    from .speculative import truncated_drafter
-    from .speculative import report
+    from .speculative import report, truncated_drafter
 
     model, tok = load_model(name, dtype="fp32")
     layers = min(layers, model.config.get_text_config().num_hidden_layers)

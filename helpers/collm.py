@@ -48,10 +48,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .teacher import eos_ids
+from .backends.capture import eos_ids
 
 # transformers 5.x renamed the KV-cache argument and output field (past_key_values -> cache)
 _CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -152,7 +151,7 @@ class Features:
 
 
 def _batches(examples, batch_size, pad_id):
-    from .distill import collate
+    from .kd.distill import collate
 
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]

@@ -439,3 +439,8 @@ def extract_details(text: str, mode: str = "robust") -> Extraction:
 def extract_answer(text: str, mode: str = "robust") -> float | None:
     """The numeric final answer of ``text``, or None when none is found."""
     return extract_details(text, mode).value
+
+
+def is_correct(pred: float | None, gold: float) -> bool:
+    """Whether an extracted answer equals the gold one (to 1e-6, relative or absolute)."""
+    return pred is not None and math.isclose(pred, gold, rel_tol=1e-6, abs_tol=1e-6)

@@ -1,6 +1,6 @@
-import numpy as np
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -313,7 +313,8 @@ def test_teacher_text_metrics_match_a_per_example_reference(tiny_dir, tmp_path):
     time from the full softmax."""
     import torch
 
-    from helpers import distill, models, teacher
+    from helpers import models
+    from helpers.kd import distill, teacher
 
     model, tok = models.load_model(tiny_dir, dtype="fp32")
     store = teacher.build_store(tmp_path, RECORDS, teacher=tiny_dir, strategy="teacher", k=8, max_new_tokens=12,

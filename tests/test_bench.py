@@ -119,7 +119,6 @@ def test_align_entry_on_tiny_inputs():
 
 def test_align_tokenizer_b_falls_back_to_a_trained_one_with_a_note(monkeypatch):
     from conftest import CORPUS
-
     from helpers import models
 
     tok, name, note = bench.align_tokenizer_b("trained", CORPUS)

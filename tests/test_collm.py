@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import collm, distill, models, teacher
+from helpers import collm, models
 from helpers.data import Record
+from helpers.kd import distill, teacher
 from helpers.prompts import student_messages, teacher_messages
 
 RECORDS = [Record(f"r{i}", q, f"{i} + 1 = {i + 1}\n#### {i + 1}", float(i + 1)) for i, q in enumerate([
@@ -391,9 +392,11 @@ SHARED_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01234567
 def _ascii_bpe(vocab_size=200):
     """Another byte-level BPE (smaller vocabulary, its own special tokens and chat template) with only
     the corpus's characters and newline in its alphabet: a different tokenizer that round-trips them."""
-    from conftest import CORPUS
-    from tokenizers import Tokenizer, decoders, models as tk_models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+    from tokenizers import models as tk_models
     from transformers import PreTrainedTokenizerFast
+
+    from conftest import CORPUS
 
     tk = Tokenizer(tk_models.BPE(unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

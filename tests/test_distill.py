@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import distill, losses, models, teacher
+from helpers import models
 from helpers.data import Record
+from helpers.kd import distill, losses, teacher
 
 RECORDS = [Record(f"r{i}", q, f"{i} + 1 = <<{i}+1={i + 1}>>{i + 1}\n#### {i + 1}", float(i + 1)) for i, q in enumerate([
     "Tom has 3 apples and buys 4 more. How many?", "What is 10 - 5?",

@@ -3,8 +3,10 @@ import pytest
 import torch
 
 from conftest import make_model
-from helpers import distill, losses, models, teacher
+from helpers import models
+from helpers.backends import transformers_engine as hf
 from helpers.data import Record
+from helpers.kd import distill, losses, teacher
 from helpers.speculative import kd
 
 RECORDS = [Record(f"r{i}", q, f"{i} + 1 = {i + 1}\n#### {i + 1}", float(i + 1)) for i, q in enumerate([
@@ -58,7 +60,7 @@ def test_on_policy_store_scores_the_drafters_own_text(target, tiny_dir, tmp_path
         rec = store.get(r.id)
         assert rec.response == r.solution.strip()
         # the target's own log-probs of the drafter's tokens, by teacher forcing
-        want = teacher.score_with_capture(model, tok, [models.prompt_text(tok, [{"role": "user", "content": r.question}])],
+        want = hf.score_with_capture(model, tok, [models.prompt_text(tok, [{"role": "user", "content": r.question}])],
                                           [r.solution], k=8)[0]
         assert list(rec.token_ids) == list(want["token_ids"])
         torch.testing.assert_close(torch.tensor(rec.token_logprobs), torch.tensor(want["token_logprobs"]))

@@ -7,16 +7,16 @@ import pytest
 import torch
 
 from conftest import make_metaspace_tokenizer, make_model, make_tokenizer
+from helpers.backends.transformers_engine import score_with_capture
 from helpers.data import Record
-from helpers.distill import Example, collate
 from helpers.fusion.align import id_spans
 from helpers.fusion.fuse import FusedExample, collate_fused, fused_examples, teacher_weights
 from helpers.fusion.losses import cross_kd_loss, piece_logprobs
 from helpers.fusion.targets import PIECE, TOKEN, map_record, read_targets, write_targets
 from helpers.fusion.vocab import build_vocab_map, token_texts
-from helpers.logit_store import TeacherRecord
-from helpers.losses import KINDS, kd_loss
-from helpers.teacher import score_with_capture
+from helpers.kd.distill import Example, collate
+from helpers.kd.logit_store import TeacherRecord
+from helpers.kd.losses import KINDS, kd_loss
 
 TEXTS = ["Natalia sold 48 clips in April, and then she sold half as many clips in May.",
          "Weng earns $12 an hour for babysitting. The answer is 72. #### 72",

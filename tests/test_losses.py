@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from helpers import losses
+from helpers.kd import losses
 
 V, B, L = 50, 3, 7
 

@@ -90,7 +90,7 @@ def test_numbers_in_e_notation_are_numbers_everywhere(tmp_path, capsys):
 
 def test_a_profile_with_lr_2e_5_trains_with_that_rate(tiny_dir, tmp_path):
     """End to end from the YAML text to the optimizer: the run's history records lr 2e-5."""
-    from helpers import distill
+    from helpers.kd import distill
 
     cfg = settings.load_yaml("training: {lr: 2e-5, epochs: 1, batch_size: 2}\nvariants: {ft: {loss: ce}}")
     p = settings.check_params(cfg)
@@ -132,7 +132,7 @@ def test_every_profile_passes_the_check(tmp_path):
 
 
 def test_training_defaults_are_valid_and_losses_agree():
-    from helpers import distill, losses
+    from helpers.kd import distill, losses
 
     assert settings.check_training(dict(settings.TRAINING_DEFAULTS)) == settings.TRAINING_DEFAULTS
     assert distill.DEFAULTS == settings.TRAINING_DEFAULTS

@@ -4,8 +4,7 @@ import torch
 
 from helpers import models
 from helpers.prompts import student_messages
-from helpers.speculative import speculative_generate, truncated_drafter
-from helpers.speculative import report
+from helpers.speculative import report, speculative_generate, truncated_drafter
 from helpers.speculative.ngram import NgramDrafter, NgramModel, PromptLookupDrafter
 
 QUESTIONS = ["Tom has 3 apples and buys 4 more. How many?", "What is 10 - 5?",

@@ -9,10 +9,19 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from helpers import teacher
-from helpers.speculative import (Drafter, ModelDrafter, Sampling, acceptance_rate, expected_tokens_per_call,
-                                 speculative_decode, speculative_generate, truncated_drafter, truncated_model)
-from helpers.speculative import decode
+from helpers.backends import transformers_engine as hf
+from helpers.speculative import (
+    Drafter,
+    ModelDrafter,
+    Sampling,
+    acceptance_rate,
+    decode,
+    expected_tokens_per_call,
+    speculative_decode,
+    speculative_generate,
+    truncated_drafter,
+    truncated_model,
+)
 
 PROMPTS = ["Question: what is 3 + 4?", "Natalia sold clips to 48 of her friends in April, and then",
            "Weng earns $12 an hour"]
@@ -44,7 +53,7 @@ def target(tok):
     """A 3-layer target whose second end-of-sequence id is a token it writes in row 0's answer but
     never in row 1's, so batches mix rows that stop at eos with rows that hit the cap."""
     model = llama(len(tok), 3, 0, eos=tok.eos_token_id, pad=tok.pad_token_id)
-    free = teacher.generate_with_capture(model, tok, PROMPTS, capture=False, max_new_tokens=N_NEW)
+    free = hf.generate_with_capture(model, tok, PROMPTS, capture=False, max_new_tokens=N_NEW)
     row0, row1 = free[0]["token_ids"], free[1]["token_ids"]
     stop = next(t for j, t in enumerate(row0) if j >= 12 and t not in row0[:j] and t not in row1)
     model.generation_config.eos_token_id = [tok.eos_token_id, stop]
@@ -53,7 +62,7 @@ def target(tok):
 
 @pytest.fixture(scope="module")
 def reference(target, tok):
-    return {b: teacher.generate_with_capture(target, tok, PROMPTS[:b], capture=False, max_new_tokens=N_NEW)
+    return {b: hf.generate_with_capture(target, tok, PROMPTS[:b], capture=False, max_new_tokens=N_NEW)
             for b in (1, 3)}
 
 

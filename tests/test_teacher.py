@@ -2,10 +2,13 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import models, teacher
-from helpers.data import Record
+from helpers import models
 from helpers.artifacts import read_manifest, write_manifest
-from helpers.logit_store import FIELDS, STORE_FORMAT, LogitStore
+from helpers.backends import capture
+from helpers.backends import transformers_engine as hf
+from helpers.data import Record
+from helpers.kd import teacher
+from helpers.kd.logit_store import FIELDS, STORE_FORMAT, LogitStore
 from helpers.prompts import student_messages
 
 RECORDS = [Record(f"r{i}", q, f"{i} + 1 = {i + 1}\n#### {i + 1}", float(i + 1)) for i, q in enumerate([
@@ -25,8 +28,8 @@ def _prompts(tok, recs=RECORDS):
 
 def test_capture_does_not_change_generation(loaded):
     model, tok = loaded
-    with_cap = teacher.generate_with_capture(model, tok, _prompts(tok), k=8, max_new_tokens=10)
-    plain = teacher.generate_with_capture(model, tok, _prompts(tok), k=8, max_new_tokens=10, capture=False)
+    with_cap = hf.generate_with_capture(model, tok, _prompts(tok), k=8, max_new_tokens=10)
+    plain = hf.generate_with_capture(model, tok, _prompts(tok), k=8, max_new_tokens=10, capture=False)
     assert [r["token_ids"] for r in with_cap] == [r["token_ids"] for r in plain]
     for r in with_cap:
         n = len(r["token_ids"])
@@ -40,7 +43,7 @@ def test_capture_matches_a_full_forward_pass(loaded):
     """The recorded log-probs are the model's full-vocabulary log-softmax at each generated position."""
     model, tok = loaded
     prompt = _prompts(tok)[2]
-    row = teacher.generate_with_capture(model, tok, [prompt], k=len(tok), max_new_tokens=8)[0]
+    row = hf.generate_with_capture(model, tok, [prompt], k=len(tok), max_new_tokens=8)[0]
     p_ids = tok(prompt, add_special_tokens=False).input_ids
     full = torch.tensor([p_ids + row["token_ids"]])
     with torch.no_grad():
@@ -51,7 +54,7 @@ def test_capture_matches_a_full_forward_pass(loaded):
     torch.testing.assert_close(torch.from_numpy(row["topk_logprobs"]).float(), top.values, atol=2e-2, rtol=1e-3)
     assert np.isneginf(row["tail_logprobs"]).all()  # k covers the vocabulary: the tail is empty
     # with k < vocabulary: the tail is the exact log-mass outside the top-k, in fp32
-    row8 = teacher.generate_with_capture(model, tok, [prompt], k=8, max_new_tokens=8)[0]
+    row8 = hf.generate_with_capture(model, tok, [prompt], k=8, max_new_tokens=8)[0]
     assert row8["token_ids"] == row["token_ids"]
     outside = torch.ones_like(logp, dtype=torch.bool).scatter(1, torch.from_numpy(row8["topk_ids"]).long(), False)
     tail = torch.log((logp.double().exp() * outside).sum(-1))
@@ -63,7 +66,7 @@ def test_sampled_capture_records_the_raw_distribution(loaded):
     model, tok = loaded
     prompt = _prompts(tok)[0]
     torch.manual_seed(0)
-    row = teacher.generate_with_capture(model, tok, [prompt], k=len(tok), max_new_tokens=6, do_sample=True,
+    row = hf.generate_with_capture(model, tok, [prompt], k=len(tok), max_new_tokens=6, do_sample=True,
                                         temperature=0.5, top_p=0.9)[0]
     p_ids = tok(prompt, add_special_tokens=False).input_ids
     with torch.no_grad():
@@ -78,12 +81,12 @@ def test_score_mode_agrees_with_generation(loaded):
     """Teacher forcing of the generated text gives the same numbers as the capture during generation."""
     model, tok = loaded
     prompts = _prompts(tok)
-    gen = teacher.generate_with_capture(model, tok, prompts, k=16, max_new_tokens=8)
+    gen = hf.generate_with_capture(model, tok, prompts, k=16, max_new_tokens=8)
     ids = [r["token_ids"] for r in gen]
     # score exactly these token ids: bypass detokenisation by scoring through the same tokenizer round trip
     texts = [tok.decode(t) for t in ids]
     assert [tok(t, add_special_tokens=False).input_ids for t in texts] == ids
-    scored = teacher.score_with_capture(model, tok, prompts, texts, k=16)
+    scored = hf.score_with_capture(model, tok, prompts, texts, k=16)
     for g, s in zip(gen, scored):
         n = len(g["token_ids"])
         assert s["token_ids"][:n] == g["token_ids"] and s["token_ids"][n] == tok.eos_token_id
@@ -223,7 +226,7 @@ def test_old_format_store_is_refused_and_rebuilt(loaded, tiny_dir, tmp_path):
     "Intro line here.\n" + "He has 4 eggs and she has 5 eggs now.\nSo together they have 9 eggs in all.\n" * 3,
 ])
 def test_repetition_loop_is_seen_numbers_aside(text):
-    assert teacher.repetition_loop(text)
+    assert capture.repetition_loop(text)
 
 
 @pytest.mark.parametrize("text", [
@@ -234,14 +237,14 @@ def test_repetition_loop_is_seen_numbers_aside(text):
     "",
 ])
 def test_repetition_loop_leaves_ordinary_text_alone(text):
-    assert not teacher.repetition_loop(text)
+    assert not capture.repetition_loop(text)
 
 
 def test_token_loop_needs_an_exact_block_repeated():
-    assert teacher.token_loop([5, 6, 7] * 16) and teacher.token_loop([9] * 48)
-    assert not teacher.token_loop([9] * 47)                                   # shorter than min_length
-    assert not teacher.token_loop(list(range(200)))
-    assert not teacher.token_loop([1, 2, 3] * 15 + [1, 2, 4])
+    assert capture.token_loop([5, 6, 7] * 16) and capture.token_loop([9] * 48)
+    assert not capture.token_loop([9] * 47)                                   # shorter than min_length
+    assert not capture.token_loop(list(range(200)))
+    assert not capture.token_loop([1, 2, 3] * 15 + [1, 2, 4])
 
 
 class _Decoder:
@@ -256,7 +259,7 @@ def test_loop_stop_stops_only_the_looping_rows():
     loop = ([3, 4, 5, 6, 7, 8, 0] * 8)[:48]             # one 6-word line again and again
     plain = list(range(10, 58))                            # never repeats
     ended = [11, 99] + [99] * 46                           # eos (99) already written
-    stop = teacher.LoopStop(_Decoder(), prompt_length=2, eos=[99], every=8)
+    stop = hf.LoopStop(_Decoder(), prompt_length=2, eos=[99], every=8)
     ids = torch.tensor([p + s for p, s in zip(prompt, [loop, plain, ended])])
     assert stop(ids[:, :-1], None).tolist() == [False, False, False]  # 47 new tokens: not a multiple of 8
     assert stop(ids, None).tolist() == [True, False, False] and stop.stopped_at == {0: 48}
@@ -267,8 +270,8 @@ def test_stopping_loops_only_shortens_rows(loaded):
     """With ``stop_loops`` each row is a prefix of the row generated without it; a row cut short
     is one the detector calls a loop, and every row says why it ended."""
     model, tok = loaded
-    plain = teacher.generate_with_capture(model, tok, _prompts(tok), k=4, max_new_tokens=96)
-    stopped = teacher.generate_with_capture(model, tok, _prompts(tok), k=4, max_new_tokens=96, stop_loops=True)
+    plain = hf.generate_with_capture(model, tok, _prompts(tok), k=4, max_new_tokens=96)
+    stopped = hf.generate_with_capture(model, tok, _prompts(tok), k=4, max_new_tokens=96, stop_loops=True)
     assert any(r["stop"] == "loop" for r in stopped)  # the untrained tiny model loops
     for a, b in zip(plain, stopped):
         assert a["token_ids"][:len(b["token_ids"])] == b["token_ids"]
@@ -276,7 +279,7 @@ def test_stopping_loops_only_shortens_rows(loaded):
         assert np.array_equal(a["topk_ids"][:len(b["token_ids"])], b["topk_ids"])
         if b["stop"] == "loop":
             ids = b["token_ids"]
-            assert teacher.token_loop(ids) or teacher.repetition_loop(tok.decode(ids, skip_special_tokens=True))
+            assert capture.token_loop(ids) or capture.repetition_loop(tok.decode(ids, skip_special_tokens=True))
             assert len(ids) % 8 == 0  # the detector looks every 8 new tokens
         else:
             assert b["token_ids"] == a["token_ids"] and b["stop"] == a["stop"]

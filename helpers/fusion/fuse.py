@@ -119,7 +119,7 @@ def collate_fused(batch: list[FusedExample], pad_id: int) -> dict:
 
 def fused_batch_loss(model, batch: dict, cfg: dict):
     """``distill.train``'s loss hook for fused examples: forward pass, ``cross_kd_loss`` (or CE)."""
-    from ..losses import cross_entropy
+    from ..kd.losses import cross_entropy
     from .losses import cross_kd_loss
 
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]

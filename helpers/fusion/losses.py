@@ -2,7 +2,7 @@
 
 Two kinds of unit per student position (``targets``):
 
-- **token** (a 1:1 piece): the existing sparse divergence (``helpers.losses``) between the
+- **token** (a 1:1 piece): the existing sparse divergence (``helpers.kd.losses``) between the
   teacher's mapped top-k + tail and the student's fold over the same ids, tempered alike. Filler
   columns (teacher log-prob -inf) are empty categories on both sides.
 - **piece** (the last student token of a multi-token piece): the same divergence between two
@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from ..losses import KINDS, _divergence, _fold_student, _log1mexp, _normaliser_and_tail, fold_teacher
+from ..kd.losses import KINDS, _divergence, _fold_student, _log1mexp, _normaliser_and_tail, fold_teacher
 from .targets import PIECE, TOKEN
 
 _PIECE_CAP = math.log1p(-1e-6)  # a piece probability of exactly 1 (fp32 rounding) would leave "else" at -inf

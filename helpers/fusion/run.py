@@ -30,9 +30,9 @@ def teacher_targets(results_dir, teacher: str, student_tok, splits: dict, *, str
                     batch_size: int = 8, dtype: str = "auto", device: str = "auto", progress: bool = True) -> dict:
     """The teacher's targets on the student's tokens for each split: ``{split: {id: Targets}}``,
     plus ``"stats"``: per split, the alignment statistics and the vocabulary map's coverage."""
-    from ..logit_store import LogitStore
+    from ..kd.logit_store import LogitStore
+    from ..kd.teacher import build_store
     from ..models import load_model, load_tokenizer, tokenizer_fingerprint
-    from ..teacher import build_store
     from .vocab import build_vocab_map
 
     root = Path(results_dir) / "fusion" / "teachers" / safe_name(teacher)
@@ -83,7 +83,7 @@ def train_row(results_dir, row: str, spec: dict, student: str, splits: dict, tea
     all), ``method`` (minCE | avgCE | softmax; one teacher needs none) and any training setting.
     ``teachers`` holds each teacher's ``teacher_targets``.
     """
-    from ..distill import DEFAULTS, build_examples, is_trained, save_adapter, train
+    from ..kd.distill import DEFAULTS, build_examples, is_trained, save_adapter, train
     from ..models import load_model, model_fingerprint
     from ..settings import check_fusion_row
     from .fuse import collate_fused, fused_batch_loss, fused_examples
@@ -124,7 +124,7 @@ def nll_per_byte(model, tokenizer, records, *, batch_size: int = 8) -> float:
     """The model's NLL of the reference solutions (and their end-of-sequence token) per UTF-8 byte
     of the solution text, teacher-forced after the plain question: comparable across tokenizers."""
     from ..data import plain_solution
-    from ..distill import build_examples, collate
+    from ..kd.distill import build_examples, collate
 
     examples = build_examples(records, tokenizer, max_length=10**6)
     nll = 0.0

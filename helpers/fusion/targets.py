@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..teacher import eos_ids
+from ..backends.capture import eos_ids
 from .align import align_offsets, id_spans, token_offsets
 
 NONE, TOKEN, PIECE = 0, 1, 2  # unit kinds per student position: CE only, token KD, end of a multi-token piece

@@ -80,8 +80,8 @@ class VocabMap:
 def build_vocab_map(teacher_tok, student_tok) -> VocabMap:
     """Map the teacher's ids to the student's by exact decoded text (see the module notes).
     Identical tokenizers map every id to itself, bytes that are no whole character included."""
+    from ..backends.capture import eos_ids
     from ..models import tokenizer_fingerprint
-    from ..teacher import eos_ids
 
     t_texts, s_texts = token_texts(teacher_tok), token_texts(student_tok)
     if tokenizer_fingerprint(teacher_tok) == tokenizer_fingerprint(student_tok):

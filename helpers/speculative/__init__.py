@@ -4,8 +4,15 @@
 interface, the shared ``Sampling`` settings and the model drafters. Imports flow one way: this
 package uses ``helpers.models``; nothing in the ground imports it.
 """
-from .decode import (SpecStats, acceptance_rate, eos_ids, expected_tokens_per_call, residual_distribution,
-                     speculative_decode, speculative_generate)
+from .decode import (
+                     SpecStats,
+                     acceptance_rate,
+                     eos_ids,
+                     expected_tokens_per_call,
+                     residual_distribution,
+                     speculative_decode,
+                     speculative_generate,
+)
 from .drafters import Drafter, ModelDrafter, RowCache, Sampling, truncated_drafter, truncated_model
 
 __all__ = ["Drafter", "ModelDrafter", "RowCache", "Sampling", "SpecStats", "acceptance_rate", "eos_ids",

@@ -40,8 +40,8 @@ from statistics import NormalDist
 
 import torch
 
+from ..backends.capture import eos_ids  # noqa: F401  (re-exported: the same rule as the teacher's generation)
 from ..models import add_special_tokens, tokenizer_fingerprint
-from ..teacher import eos_ids  # noqa: F401  (re-exported: the same rule as the teacher's generation)
 from .drafters import Drafter, RowCache, Sampling
 
 
@@ -324,7 +324,7 @@ def speculative_generate(target, drafter: Drafter, tokenizer, prompts: list[str]
                          top_p: float = 1.0, seed: int = 0) -> tuple[list[dict], SpecStats]:
     """Generate for a batch of prompt texts with ``drafter`` proposing ``gamma`` tokens per target
     call. Greedy output equals the target's greedy ``generate``; sampled output has exactly the
-    target's distribution (temperature, top_p). Rows like ``teacher.generate_with_capture``'s:
+    target's distribution (temperature, top_p). Rows like ``transformers_engine.generate_with_capture``'s:
     ``token_ids`` (up to and including eos), ``response``, ``finished``, ``stop`` ("eos"/"cap")."""
     if isinstance(prompts, str) or not prompts:
         raise ValueError("prompts must be a non-empty list of strings")

@@ -3,7 +3,7 @@
 A drafter is accepted at a position with probability Σ_x min(p(x), q(x)) = 1 − TV(p, q), so the
 way to a better drafter is to bring its distributions q towards the target's p. Both data sources
 of DistillSpec are here, on the project's own sparse top-k stores and training loop
-(``helpers.distill``), with any of its divergences (``tv`` trains 1 − α directly):
+(``helpers.kd.distill``), with any of its divergences (``tv`` trains 1 − α directly):
 
 - off-policy: the target's own solutions and distributions, as notebook 01 stores them (the
   ``base`` strategy is the plain question, the prompt speculative decoding is run with);
@@ -11,7 +11,7 @@ of DistillSpec are here, on the project's own sparse top-k stores and training l
   forcing (``on_policy_store``), and the drafter learns the target's distributions on the text it
   actually produces, where its drafts will be judged.
 
-Training is LoRA through ``helpers.distill.train``; ``distill_drafter`` merges the adapter back,
+Training is LoRA through ``helpers.kd.distill.train``; ``distill_drafter`` merges the adapter back,
 so the result is a plain model that drafts without peft in the loop.
 """
 from __future__ import annotations
@@ -24,9 +24,9 @@ from ..data import Record
 def distill_drafter(drafter_model, tokenizer, train_examples, val_examples, cfg: dict, *, progress: bool = True,
                     name: str = "drafter"):
     """Train ``drafter_model`` (a model of its own, e.g. a ``truncated_drafter`` copy; it is changed)
-    on ``train_examples`` (``helpers.distill.build_examples`` from a target store) with the training
+    on ``train_examples`` (``helpers.kd.distill.build_examples`` from a target store) with the training
     settings ``cfg``; returns the merged plain model and the training history."""
-    from ..distill import train
+    from ..kd.distill import train
 
     peft_model, history = train(drafter_model, tokenizer, train_examples, val_examples, cfg, progress=progress,
                                 name=name)
@@ -57,7 +57,7 @@ def on_policy_store(drafter_model, target: str, target_loaded, records: list[Rec
     ``target_loaded`` is its ``(model, tokenizer)``. The store goes to a sub-folder of ``out_dir``
     named by a digest of the drafted texts (the same drafts reuse it). Returns the ``LogitStore``."""
     from ..artifacts import fingerprint
-    from ..teacher import build_store
+    from ..kd.teacher import build_store
 
     model, tok = target_loaded
     drafted = drafter_solutions(drafter_model, tok, records, max_new_tokens=max_new_tokens, batch_size=batch_size,

@@ -102,7 +102,7 @@ def _generate_each(target, tokenizer, prompts: list[str], max_new_tokens: int, *
 
 
 def _cut_at_eos(ids: list[int], model, tokenizer) -> list[int]:
-    from ..teacher import eos_ids
+    from ..backends.capture import eos_ids
 
     eos = set(eos_ids(model, tokenizer))
     return next((ids[:j + 1] for j, t in enumerate(ids) if t in eos), ids)

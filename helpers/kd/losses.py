@@ -39,7 +39,8 @@ import math
 
 import torch
 
-from .settings import LOSS_KINDS as KINDS  # declared once, with the other settings
+from ..settings import LOSS_KINDS as KINDS  # declared once, with the other settings
+
 _NEG_INF = float("-inf")
 
 

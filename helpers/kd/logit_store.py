@@ -38,7 +38,7 @@ from typing import Callable
 
 import numpy as np
 
-from .artifacts import atomic_path, file_problem, read_manifest
+from ..artifacts import atomic_path, file_problem, read_manifest
 
 FIELDS = ("token_ids", "topk_ids", "topk_logprobs", "token_logprobs", "tail_logprobs")
 STORE_FORMAT = 2  # 2: per-token tail_logprobs and per-shard size + sha256 in the manifest

@@ -1,7 +1,7 @@
 """LoRA distillation of the student on a teacher store (or on reference solutions).
 
 One short loop, top to bottom: examples joined to teacher records by id, real padded
-mini-batches, the chosen loss (``helpers.losses``), SGD with momentum (or AdamW) under one cosine
+mini-batches, the chosen loss (``helpers.kd.losses``), SGD with momentum (or AdamW) under one cosine
 schedule over the whole run, validation loss after every epoch, the adapter saved at the end.
 Devices and several GPUs are handled by ``accelerate``: the same code runs on a CPU, one GPU, or
 under ``accelerate launch`` on several.
@@ -23,13 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
-from .artifacts import file_record, is_done, one_line, write_json, write_manifest
-from .data import plain_solution
+from .. import __version__
+from ..artifacts import file_record, is_done, one_line, write_json, write_manifest
+from ..data import plain_solution
+from ..models import adapter_damage, add_special_tokens, prompt_text, tokenizer_fingerprint
+from ..prompts import student_messages
+from ..settings import TRAINING_DEFAULTS, check_training, check_variant
 from .losses import KINDS, kd_loss
-from .models import adapter_damage, add_special_tokens, prompt_text, tokenizer_fingerprint
-from .prompts import student_messages
-from .settings import TRAINING_DEFAULTS, check_training, check_variant
 
 DEFAULTS = dict(TRAINING_DEFAULTS)  # declared (type, range, meaning) in helpers.settings
 
@@ -308,7 +308,7 @@ def run_variant(variant: str, variant_spec: dict, *, student: str, results_dir: 
                 data_source: str = "gsm_symbolic", data_dir: str | None = None, n_train: int = 0,
                 n_validation: int = 0, n_test: int = 0, seed: int = 0, train_seed: int | None = None,
                 unfinished: str = "keep", dtype: str = "auto", device: str = "auto", progress: bool = True) -> Path:
-    """Train one variant of a profile (notebook 02 and ``python -m helpers.distill`` call this).
+    """Train one variant of a profile (notebook 02 and ``python -m helpers.kd.distill`` call this).
 
     ``variant_spec``: ``strategy`` (whose teacher store to learn from; none for the fine-tuning
     control on reference solutions) plus any setting of ``DEFAULTS`` (loss, T, alpha, lr, ...),
@@ -320,10 +320,10 @@ def run_variant(variant: str, variant_spec: dict, *, student: str, results_dir: 
     """
     from accelerate import PartialState
 
-    from .artifacts import fingerprint
-    from .data import load_splits
+    from ..artifacts import fingerprint
+    from ..data import load_splits
+    from ..models import load_model, model_fingerprint
     from .logit_store import LogitStore
-    from .models import load_model, model_fingerprint
     from .teacher import store_dir
 
     training = check_training(dict(training or {}), "training: ")
@@ -367,13 +367,13 @@ def run_variant(variant: str, variant_spec: dict, *, student: str, results_dir: 
 
 def main(argv: list[str] | None = None) -> int:
     """Train one variant of a profile outside the notebooks, e.g. on several GPUs:
-    ``accelerate launch -m helpers.distill --profile full --variant teacher-kd``."""
+    ``accelerate launch -m helpers.kd.distill --profile full --variant teacher-kd``."""
     import argparse
     import sys
 
-    from .settings import check_params, load_profile
+    from ..settings import check_params, load_profile
 
-    ap = argparse.ArgumentParser(prog="python -m helpers.distill", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m helpers.kd.distill", description=main.__doc__)
     ap.add_argument("--profile", default="quick", help="name in configs/ or a path to a YAML profile")
     ap.add_argument("--variant", required=True, help="a key of the profile's variants")
     ap.add_argument("--root", default=".", help="where results/ lives (default: the current directory)")

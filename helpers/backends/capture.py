@@ -1,0 +1,123 @@
+"""What every teacher engine shares: top-k capture of a distribution, the end-of-sequence rule,
+repetition-loop detection, and the one row shape a generated or scored solution takes.
+
+A row (one prompt's solution) holds ``token_ids`` (up to and including end-of-sequence),
+``response`` (decoded, special tokens dropped), ``finished``, ``stop`` (``"eos"``, ``"loop"`` or
+``"cap"``) and, with capture, per token: ``topk_ids`` [n, k] int32, ``topk_logprobs`` [n, k]
+float16, ``tail_logprobs`` [n] float32 (the log of the mass outside the top-k) and
+``token_logprobs`` [n] float32 (the token actually written), all of the raw distribution at
+temperature 1.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import torch
+
+from ..models import add_special_tokens
+
+
+def tail_logprob(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Log of the probability mass outside ``ids`` given full log-probs ``logp`` (fp32, [...]):
+    the log-sum-exp of the log-probs outside the ids, exactly -inf when they cover the vocabulary."""
+    logp = logp.float()
+    if ids.shape[-1] >= logp.shape[-1]:
+        return logp.new_full(logp.shape[:-1], float("-inf"))
+    return torch.logsumexp(logp.scatter(-1, ids.long(), float("-inf")), dim=-1)
+
+
+def topk_capture(logits: torch.Tensor, k: int, taken: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The capture of full-vocabulary ``logits`` [n, V] (any dtype): top-k ids and log-probs, the
+    tail log-mass and, given the ``taken`` ids [n], their log-probs; on the logits' device."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    values, ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
+    out = {"topk_ids": ids.to(torch.int32), "topk_logprobs": values.to(torch.float16),
+           "tail_logprobs": tail_logprob(logp, ids)}
+    if taken is not None:
+        out["token_logprobs"] = logp.gather(-1, taken.long().to(logp.device)[..., None]).squeeze(-1)
+    return out
+
+
+def eos_ids(model=None, tokenizer=None) -> list[int]:
+    """End-of-sequence ids: the model's generation config's (when given), plus the tokenizer's (when given)."""
+    eos = None if model is None else model.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos.append(tokenizer.eos_token_id)
+    return eos
+
+
+def text_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """The tokens a teacher reads for scored texts: each text, then end-of-sequence."""
+    return [tokenizer(t, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for t in texts]
+
+
+def prompt_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Rendered prompt texts as token ids (special tokens only where no chat template wrote them)."""
+    add = add_special_tokens(tokenizer)
+    return [tokenizer(p, add_special_tokens=add).input_ids for p in prompts]
+
+
+_DIGITS = re.compile(r"\d+(?:[.,]\d+)*")
+
+
+def repetition_loop(text: str, *, repeats: int = 3, max_period: int = 4, min_words: int = 6) -> bool:
+    """True when the last complete lines of ``text`` repeat a block of 1..``max_period`` lines
+    ``repeats`` times in a row, numbers ignored ("the total is 4 + 2 = 6." then "... 6 + 2 = 8.")
+    and blank lines skipped; the block must hold at least ``min_words`` words, so short list items
+    or a repeated heading do not count. A line still being written is not looked at."""
+    lines = [_DIGITS.sub("#", line.strip()) for line in text.split("\n")[:-1] if line.strip()]
+    for period in range(1, max_period + 1):
+        tail = lines[-repeats * period:]
+        if len(tail) < repeats * period or sum(len(line.split()) for line in tail[:period]) < min_words:
+            continue
+        if all(tail[i] == tail[i + period] for i in range(len(tail) - period)):
+            return True
+    return False
+
+
+def token_loop(ids: list[int], *, repeats: int = 3, max_period: int = 64, min_length: int = 48) -> bool:
+    """True when the last max(``repeats``·p, ``min_length``) tokens are one block of p ≤ ``max_period``
+    tokens repeated exactly (a loop inside one line, e.g. "2 2 2 2 ...")."""
+    n = len(ids)
+    for period in range(1, max_period + 1):
+        length = max(repeats * period, min_length)
+        if n < length:
+            break
+        tail = ids[n - length:]
+        if tail[period:] == tail[:-period]:
+            return True
+    return False
+
+
+LOOP_CHECK_EVERY = 8  # new tokens between two looks for a repetition loop
+
+
+def looping(tokenizer, new_ids: list[int]) -> bool:
+    """Whether a solution so far (its new token ids) has fallen into a repetition loop."""
+    return token_loop(new_ids) or repetition_loop(tokenizer.decode(new_ids, skip_special_tokens=True))
+
+
+def solution_row(tokenizer, seq: list[int], eos, *, looped_at: int | None = None,
+                 capture: dict | None = None) -> dict:
+    """The row of one generated solution: ``seq`` is its new tokens (possibly followed by padding),
+    cut after the first end-of-sequence id (or at ``looped_at``, where a loop stop ended it);
+    ``capture`` holds its per-token arrays (numpy or torch, at least as long as the cut)."""
+    seq = list(seq[:looped_at]) if looped_at else list(seq)
+    eos = set(eos)
+    n = next((j + 1 for j, t in enumerate(seq) if t in eos), len(seq))
+    stop = "eos" if seq and seq[n - 1] in eos else "loop" if looped_at else "cap"
+    row = {"token_ids": seq[:n], "finished": stop == "eos", "stop": stop,
+           "response": tokenizer.decode(seq[:n], skip_special_tokens=True).strip()}
+    for key, v in (capture or {}).items():
+        v = v[:n]
+        row[key] = v.cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+    return row
+
+
+def scored_row(tokenizer, text_ids: list[int], capture: dict) -> dict:
+    """The row of one scored (teacher-forced) text: finished by construction."""
+    return {"token_ids": list(text_ids), "finished": True, "stop": "eos",
+            "response": tokenizer.decode(text_ids, skip_special_tokens=True).strip(),
+            **{key: v.cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v) for key, v in capture.items()}}
