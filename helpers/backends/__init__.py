@@ -24,9 +24,8 @@ Engines that need CUDA import their package only inside ``open``, after a CUDA c
 """
 from __future__ import annotations
 
+from ..settings import BACKENDS  # noqa: F401  (declared once, with the other settings)
 from .capture import eos_ids, tail_logprob, topk_capture  # noqa: F401  (the shared ground of every engine)
-
-BACKENDS = ("transformers", "llama_cpp", "vllm", "exllamav2")
 
 
 def open_backend(name: str, teacher: str, *, dtype: str = "auto", device: str = "auto", options: dict | None = None):

@@ -121,3 +121,35 @@ def scored_row(tokenizer, text_ids: list[int], capture: dict) -> dict:
     return {"token_ids": list(text_ids), "finished": True, "stop": "eos",
             "response": tokenizer.decode(text_ids, skip_special_tokens=True).strip(),
             **{key: v.cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v) for key, v in capture.items()}}
+
+
+def decode_row(tokenizer, eos, logits: torch.Tensor, step, *, k: int, max_new_tokens: int, do_sample: bool = False,
+               temperature: float = 1.0, top_p: float = 1.0, stop_loops: bool = False) -> dict:
+    """One sequence decoded by the project's own rule on an engine's logits: ``logits`` [V] are the
+    prompt's last position's, ``step(token)`` feeds a token and returns the next position's. Greedy
+    takes the first highest logit; sampling applies the ``transformers`` temperature and top-p warpers
+    and draws with the global torch generator (which ``build_store`` seeds). Returns the row."""
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    warpers = [TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)] if do_sample else []
+    stops, new, caps, looped = set(eos), [], [], None
+    for n in range(1, max_new_tokens + 1):
+        logits = logits.float().cpu()
+        if do_sample:
+            scores = logits[None]
+            for warp in warpers:
+                scores = warp(None, scores)
+            token = int(torch.multinomial(torch.softmax(scores, -1), 1))
+        else:
+            token = int(logits.argmax())
+        caps.append(topk_capture(logits[None], k, torch.tensor([token])))
+        new.append(token)
+        if token in stops:
+            break
+        if stop_loops and n % LOOP_CHECK_EVERY == 0 and looping(tokenizer, new):
+            looped = n
+            break
+        if n < max_new_tokens:
+            logits = step(token)
+    capture = {key: torch.cat([c[key] for c in caps]) for key in caps[0]} if caps else None
+    return solution_row(tokenizer, new, eos, looped_at=looped, capture=capture)
