@@ -34,6 +34,7 @@ DATA_SOURCES = ("gsm_symbolic", "gsm8k", "gsm8k-socratic")
 EXTRACT_MODES = ("robust", "seed")
 OPTIMIZERS = ("sgd", "adamw")
 UNFINISHED = ("keep", "drop")
+BACKENDS = ("transformers", "llama_cpp", "vllm", "exllamav2")  # teacher engines (helpers.backends)
 REFERENCE_SUFFIX = "@reference"
 CONTROL_ROW = "no-distillation"  # the assessment's name for the untouched student
 
@@ -224,7 +225,16 @@ PARAMS: dict[str, Setting] = {s.name: s for s in [
     _s("n_validation", _SIZE, "validation problems (tuning and the validation loss only)"),
     _s("n_test", _SIZE, "test problems (assessment only)"),
     # models
-    _s("teacher", Text(what="a model id, folder or embedded name"), "the teacher model", read_by=("01", "05")),
+    _s("teacher", Text(what="a model id, folder or embedded name"), "the teacher model (02 reads it for on-policy KD)",
+       read_by=("01", "02", "05")),
+    _s("teacher_backend", Choice(BACKENDS), "the engine that runs the teacher: transformers (the reference), "
+       "llama_cpp (GGUF files on a CPU; extra [cpu-fast]), vllm (CUDA; extra [vllm]) or exllamav2 (EXL2/GPTQ on "
+       "CUDA; extra [exl2]); 01 writes the stores with it and 02 scores on-policy samples with it",
+       read_by=("01", "02")),
+    _s("teacher_backend_options", Mapping("a mapping of the back end's own options"),
+       "options of teacher_backend (llama_cpp: n_ctx, n_threads, n_gpu_layers, tokenizer; vllm: url, "
+       "tensor_parallel_size, pipeline_parallel_size, gpu_memory_utilization, max_model_len, max_logprobs; "
+       "exllamav2: gpu_split, max_seq_len, cache_bits)", optional=True, read_by=("01", "02")),
     _s("student", Text(what="a model id, folder or embedded name"), "the student model", read_by=("02", "03", "06")),
     _s("dtype", Choice(DTYPES), "weights' dtype (auto: bf16 on recent GPUs, fp16 on older ones; on a CPU bf16 only "
        "where it is native (AVX512-BF16, AMX, Arm BF16), else fp32)"),
@@ -343,6 +353,12 @@ TRAINING: dict[str, Setting] = {s.name: s for s in [
     _t("lora_targets", ListOf(Text(what="a module name"), 1), ["q_proj", "k_proj", "v_proj", "o_proj"],
        "modules that get LoRA"),
     _t("seed", Num(int, 0), 0, "training seed (default: the profile's seed)"),
+    _t("loss_chunk", Num(int, 0), 0, "compute the loss from the last hidden states and the LM head this many "
+       "target positions at a time, never holding fp32 logits for all positions (0: the plain loss on full "
+       "logits); for 128k+ vocabularies"),
+    _t("on_policy", Num(float, 0, 1), 0.0, "on-policy KD (GKD) λ: the share of batches whose completions the "
+       "student samples and the teacher scores (0: off-policy, the teacher's stored solutions; default loss jsd)"),
+    _t("on_policy_max_new_tokens", _SIZE, 128, "longest completion the student samples for an on-policy batch"),
 ]}
 TRAINING_DEFAULTS: dict[str, Any] = {k: s.default for k, s in TRAINING.items()}
 VARIANT_KEYS = ("strategy",) + tuple(TRAINING)
@@ -422,8 +438,14 @@ def check_variant(name: str, row: dict | None, *, training: dict | None = None, 
     if "loss" in row and row["loss"] not in LOSS_KINDS:
         raise SettingsError(f"{at}unknown loss {row['loss']!r}; valid losses: {', '.join(LOSS_KINDS)}")
     strategy = row.pop("strategy", None)
+    on_policy = {**(training or {}), **row}.get("on_policy", 0)
+    if on_policy and "loss" not in row and "loss" not in (training or {}):
+        row["loss"] = "jsd"  # GKD's default divergence, JSD(β)
     out = check_training(row, at)
     merged = {**TRAINING_DEFAULTS, **(training or {}), **out}
+    if merged["on_policy"] > 0 and (strategy is None or merged["loss"] == "ce"):
+        raise SettingsError(f"{at}on_policy: {merged['on_policy']:g} distils the teacher on the student's own samples: "
+                            "it needs a strategy (whose store's teacher scores them) and a KD loss, not 'ce'")
     if strategy is not None:
         if not isinstance(strategy, str) or not strategy.strip():
             raise SettingsError(f"{at}strategy must name one of the profile's strategies")
@@ -466,6 +488,9 @@ def check_fusion_row(name: str, row: dict | None, *, teachers=None, training: di
     if "strategy" in row:
         raise SettingsError(f"{at}'strategy' belongs to variants; fusion teachers read under fusion_strategy")
     out = check_training(row, at)
+    if out.get("on_policy", 0) > 0:
+        raise SettingsError(f"{at}on_policy belongs to variants (02); fusion rows learn from the teachers' reference "
+                            "scores")
     return {**({"teachers": names} if names is not None else {}), **({"method": method} if method else {}), **out}
 
 

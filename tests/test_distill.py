@@ -234,3 +234,27 @@ def test_each_training_seed_gets_its_own_adapter(tiny_dir, tmp_path):
     assert [read_manifest(d)["settings"]["config"]["seed"] for d in (one, two)] == [1, 2]
     a, b = load_file(one / "adapter_model.safetensors"), load_file(two / "adapter_model.safetensors")
     assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)  # another initialisation
+
+
+def test_chunked_loss_training_step_equals_the_plain_one(loaded, store, tiny_dir):
+    """loss_chunk > 0: the loss from the hidden states and the LM head, a few positions at a time,
+    gives the plain loss's value and LoRA gradients (the head itself stays frozen)."""
+    from peft import LoraConfig, get_peft_model
+
+    _, tok = loaded
+    exs = distill.build_examples(RECORDS[:3], tok, store)
+    batch = distill.collate(exs, tok.pad_token_id)
+    model = get_peft_model(models.load_model(tiny_dir, dtype="fp32")[0],
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, init_lora_weights=False))
+    for kind in ("forward_kl", "jsd", "ce"):
+        got = {}
+        for chunk in (0, 3):
+            cfg = {**distill.DEFAULTS, "loss": kind, "T": 2.0, "loss_chunk": chunk}
+            model.zero_grad()
+            loss, parts, n = distill.batch_loss(model, batch, cfg)
+            loss.backward()
+            got[chunk] = (loss.item(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+        assert got[0][0] == pytest.approx(got[3][0], rel=1e-5, abs=1e-6), kind
+        assert got[0][1].keys() == got[3][1].keys() and all("lora_" in k for k in got[0][1])
+        for k in got[0][1]:
+            torch.testing.assert_close(got[3][1][k], got[0][1][k], rtol=1e-4, atol=1e-6)

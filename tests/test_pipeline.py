@@ -167,7 +167,7 @@ def test_each_runs_one_instance_per_variant(tmp_path):
         pipeline._instances({"name": "x", "each": "variants"}, {})
     plan = pipeline.stage_plan(pipeline.load_profile("quick"), tmp_path)
     assert [s["name"] for s in plan if s["name"].startswith("02_")] == [
-        "02_distill-fine-tuning", "02_distill-base-kd", "02_distill-gold-hint-kd"]
+        "02_distill-fine-tuning", "02_distill-base-kd", "02_distill-gold-hint-kd", "02_distill-on-policy-kd"]
     # a variant's stage sees only its own spec, so editing one variant leaves the others done
     assert all("variants" not in s["params"] for s in plan if s["name"].startswith("02_"))
 

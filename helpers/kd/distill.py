@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -25,11 +26,12 @@ import torch
 
 from .. import __version__
 from ..artifacts import file_record, is_done, one_line, write_json, write_manifest
+from ..backends.capture import prompt_ids
 from ..data import plain_solution
 from ..models import adapter_damage, add_special_tokens, prompt_text, tokenizer_fingerprint
 from ..prompts import student_messages
 from ..settings import TRAINING_DEFAULTS, check_training, check_variant
-from .losses import KINDS, kd_loss
+from .losses import KINDS, chunked_kd_loss, kd_loss
 
 DEFAULTS = dict(TRAINING_DEFAULTS)  # declared (type, range, meaning) in helpers.settings
 
@@ -46,13 +48,16 @@ class Example:
     topk_ids: np.ndarray | None = None
     topk_logprobs: np.ndarray | None = None
     tail_logprobs: np.ndarray | None = None  # the teacher's log-mass outside its top-k, per target token
+    teacher_prompt: list[int] | None = None  # the teacher's prompt tokens (on-policy KD scores samples after it)
 
 
-def build_examples(records, tokenizer, store=None, *, max_length: int = 512,
-                   unfinished: str = "keep") -> list[Example]:
+def build_examples(records, tokenizer, store=None, *, max_length: int = 512, unfinished: str = "keep",
+                   teacher_prompts: bool = False) -> list[Example]:
     """Student examples for ``records``: KD targets from ``store`` (joined by id) or, without a
     store, the reference solution followed by end-of-sequence. Too-long examples are cut.
-    ``unfinished="drop"`` leaves out teacher solutions that did not end at end-of-sequence."""
+    ``unfinished="drop"`` leaves out teacher solutions that did not end at end-of-sequence.
+    ``teacher_prompts``: also keep the prompt the store's teacher read (its strategy's template),
+    for on-policy KD."""
     if unfinished not in ("keep", "drop"):
         raise ValueError(f"unfinished={unfinished!r}: use 'keep' or 'drop'")
     add = add_special_tokens(tokenizer)
@@ -67,9 +72,12 @@ def build_examples(records, tokenizer, store=None, *, max_length: int = 512,
             if not records:
                 raise ValueError(f"no teacher solution in {store.path} finished, so teacher_unfinished='drop' leaves "
                                  "nothing to train on: raise teacher_max_new_tokens or keep unfinished solutions")
+    if teacher_prompts and store is None:
+        raise ValueError("teacher prompts come from a teacher store; on-policy KD needs a variant with a strategy")
     out = []
     for r in records:
         prompt = tokenizer(prompt_text(tokenizer, student_messages(r.question)), add_special_tokens=add).input_ids
+        teacher_prompt = _teacher_prompt(tokenizer, store, r) if teacher_prompts else None
         if store is not None:
             t = store.get(r.id)
             target, ids, lps, tails = list(map(int, t.token_ids)), t.topk_ids, t.topk_logprobs, t.tail_logprobs
@@ -82,8 +90,18 @@ def build_examples(records, tokenizer, store=None, *, max_length: int = 512,
         target = target[:room]
         if ids is not None:
             ids, lps, tails = ids[:room], lps[:room], tails[:room]
-        out.append(Example(r.id, prompt + target, len(prompt), ids, lps, tails))
+        out.append(Example(r.id, prompt + target, len(prompt), ids, lps, tails, teacher_prompt))
     return out
+
+
+def _teacher_prompt(tokenizer, store, record) -> list[int]:
+    """The prompt tokens the store's teacher read for ``record`` (its strategy's template, as recorded)."""
+    from ..prompts import teacher_messages
+
+    settings = store.manifest["settings"]
+    messages = teacher_messages(settings["strategy"], record.question, plain_solution(record.solution),
+                                {settings["strategy"]: settings["template"]})
+    return prompt_ids(tokenizer, [prompt_text(tokenizer, messages)])[0]
 
 
 def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
@@ -120,11 +138,21 @@ def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def batch_loss(model, batch: dict, cfg: dict) -> tuple[torch.Tensor, dict, torch.Tensor]:
-    """Forward pass and the variant's loss on one collated batch; also returns the token count."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    loss, parts = kd_loss(cfg["loss"], logits, batch["targets"], batch["mask"],
-                          batch.get("topk_ids"), batch.get("topk_logprobs"),
-                          T=cfg["T"], alpha=cfg["alpha"], beta=cfg["beta"], tail_logprobs=batch.get("tail_logprobs"))
+    """Forward pass and the variant's loss on one collated batch; also returns the token count.
+    With ``loss_chunk`` > 0 the model returns its last hidden states (and the logits of one
+    position only) and ``chunked_kd_loss`` goes through the LM head that many positions at a time."""
+    teacher = dict(T=cfg["T"], alpha=cfg["alpha"], beta=cfg["beta"], tail_logprobs=batch.get("tail_logprobs"))
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if cfg.get("loss_chunk"):
+        hidden = model(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[-1][:, :-1]
+        head = getattr(model, "module", model).get_output_embeddings()  # through a DDP wrapper
+        loss, parts = chunked_kd_loss(cfg["loss"], hidden, head.weight, batch["targets"], batch["mask"],
+                                      batch.get("topk_ids"), batch.get("topk_logprobs"), lm_head_bias=head.bias,
+                                      chunk=cfg["loss_chunk"], **teacher)
+    else:
+        logits = model(**inputs).logits[:, :-1]
+        loss, parts = kd_loss(cfg["loss"], logits, batch["targets"], batch["mask"], batch.get("topk_ids"),
+                              batch.get("topk_logprobs"), **teacher)
     return loss, parts, batch["mask"].sum()
 
 
@@ -160,12 +188,14 @@ def _diverged(cfg: dict, name: str, what: str, value: float, step: int, epoch: i
 
 
 def train(model, tokenizer, train_examples: list[Example], val_examples: list[Example], cfg: dict,
-          progress: bool = True, name: str = "training", *, collate_fn=None, loss_fn=None):
+          progress: bool = True, name: str = "training", *, collate_fn=None, loss_fn=None, prepare_batch=None):
     """Train LoRA adapters on ``model`` in place; returns ``(peft_model, history)``.
 
     ``collate_fn(examples, pad_id)`` and ``loss_fn(model, batch, cfg) -> (loss, parts, tokens)``
     replace ``collate`` and ``batch_loss`` for examples of another kind (``helpers.fusion``: targets
-    from teachers with other tokenizers).
+    from teachers with other tokenizers). ``prepare_batch(model, batch) -> batch`` may replace a
+    training batch before its loss (``on_policy.OnPolicy``: the student's own samples, scored by the
+    teacher); its batches carry their ``examples``. Validation batches are never replaced.
 
     An optimizer step takes ``grad_accum`` micro-batches; each contributes in proportion to its
     number of target tokens (so a step's gradient is the token mean over the whole step, as
@@ -193,9 +223,10 @@ def train(model, tokenizer, train_examples: list[Example], val_examples: list[Ex
                       target_modules=list(cfg["lora_targets"]), task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     pad = tokenizer.pad_token_id
-    make = lambda exs, shuffle: DataLoader(exs, batch_size=cfg["batch_size"], shuffle=shuffle,  # noqa: E731
-                                           collate_fn=lambda b: collate_fn(b, pad),
-                                           generator=torch.Generator().manual_seed(cfg["seed"]))
+    keep = prepare_batch is not None  # the hook rebuilds batches from their examples
+    make = lambda exs, shuffle: DataLoader(  # noqa: E731
+        exs, batch_size=cfg["batch_size"], shuffle=shuffle, generator=torch.Generator().manual_seed(cfg["seed"]),
+        collate_fn=lambda b: {**collate_fn(b, pad), **({"examples": b} if keep and shuffle else {})})
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg["optimizer"] == "sgd":
         opt = torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
@@ -218,6 +249,8 @@ def train(model, tokenizer, train_examples: list[Example], val_examples: list[Ex
     for epoch in range(1, cfg["epochs"] + 1):
         batches = iter(train_loader)  # windows of `accum` micro-batches, read as they are used
         while window := list(itertools.islice(batches, accum)):
+            if prepare_batch is not None:
+                window = [prepare_batch(accelerator.unwrap_model(model), b) for b in window]
             tokens = torch.stack([b["mask"].sum() for b in window]).sum().double()
             if accelerator.num_processes > 1:  # token weights over the global step
                 tokens = accelerator.reduce(tokens.to(accelerator.device), reduction="sum")
@@ -235,6 +268,9 @@ def train(model, tokenizer, train_examples: list[Example], val_examples: list[Ex
                 history["micro_loss"].append(loss.item())
                 history["micro_tokens"].append(int(n.item()))
                 step_loss += loss.item() * weight / accelerator.num_processes
+            if accelerator.num_processes > 1:  # every process's share of the step's token mean
+                step_loss = accelerator.reduce(torch.tensor(step_loss, dtype=torch.float64, device=accelerator.device),
+                                               reduction="sum").item()
             grads = [p.grad.detach().float().norm() for g in opt.param_groups for p in g["params"] if p.grad is not None]
             norm = torch.linalg.vector_norm(torch.stack(grads))
             if not torch.isfinite(norm):
@@ -307,7 +343,9 @@ def adapter_dir(results_dir: str | Path, variant: str, seed: int | None = None) 
 def run_variant(variant: str, variant_spec: dict, *, student: str, results_dir: str | Path, training: dict | None = None,
                 data_source: str = "gsm_symbolic", data_dir: str | None = None, n_train: int = 0,
                 n_validation: int = 0, n_test: int = 0, seed: int = 0, train_seed: int | None = None,
-                unfinished: str = "keep", dtype: str = "auto", device: str = "auto", progress: bool = True) -> Path:
+                unfinished: str = "keep", dtype: str = "auto", device: str = "auto", progress: bool = True,
+                teacher: str | None = None, teacher_backend: str = "transformers",
+                teacher_backend_options: dict | None = None) -> Path:
     """Train one variant of a profile (notebook 02 and ``python -m helpers.kd.distill`` call this).
 
     ``variant_spec``: ``strategy`` (whose teacher store to learn from; none for the fine-tuning
@@ -316,7 +354,8 @@ def run_variant(variant: str, variant_spec: dict, *, student: str, results_dir: 
     seed); ``train_seed`` trains one seed of a profile's ``seeds`` (LoRA initialisation, dropout,
     batch order) into its own folder. ``unfinished``: keep or drop teacher solutions that did not
     finish. Skipped when the adapter exists with the same settings. Returns the adapter folder
-    (``adapter_dir``).
+    (``adapter_dir``). A variant with ``on_policy: λ > 0`` (GKD, ``on_policy.OnPolicy``) opens
+    ``teacher`` (the store's teacher) on ``teacher_backend`` to score the student's samples.
     """
     from accelerate import PartialState
 
@@ -339,8 +378,12 @@ def run_variant(variant: str, variant_spec: dict, *, student: str, results_dir: 
     for s, st in stores.items():
         if not st.complete:
             raise ValueError(f"teacher store {st.path} is incomplete: run notebooks/01_teacher_logits to the end")
+    on_policy = cfg["on_policy"] > 0
+    if on_policy:
+        _check_on_policy_teacher(teacher, stores["train"])
     out_dir = adapter_dir(results_dir, variant, train_seed)
     settings = {"student": model_fingerprint(student), "strategy": strategy, "config": cfg, "dtype": dtype,
+                **({"on_policy_backend": teacher_backend} if on_policy else {}),
                 **({"unfinished": unfinished} if strategy and unfinished != "keep" else {}),
                 "stores": {s: st.manifest["settings"] for s, st in stores.items()},
                 "examples": {s: fingerprint([r.id for r in splits[s]]) for s in ("train", "validation")}}
@@ -349,20 +392,51 @@ def run_variant(variant: str, variant_spec: dict, *, student: str, results_dir: 
     if is_trained(out_dir, settings):
         print(f"already trained with these settings: {out_dir}")
         return out_dir
-    state = PartialState()  # one process per device under `accelerate launch`
+    # one process per device under `accelerate launch`; ACCELERATE_USE_CPU=1 (set by `--cpu`) keeps several
+    # processes on the CPU, talking over gloo
+    state = PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
+    if state.num_processes > 1 and state.is_main_process:
+        print(f"training on {state.num_processes} processes ({state.distributed_type.name}, {state.backend})",
+              flush=True)
     model, tok = load_model(student, dtype=dtype, device=str(state.device) if device == "auto" else device)
     train_ex = build_examples(splits["train"], tok, stores.get("train"), max_length=cfg["max_length"],
-                              unfinished=unfinished)
+                              unfinished=unfinished, teacher_prompts=on_policy)
     val_ex = build_examples(splits["validation"], tok, stores.get("validation"), max_length=cfg["max_length"],
                             unfinished=unfinished)
     print(f"{len(train_ex)} training examples, {sum(len(e.input_ids) - e.n_prompt for e in train_ex)} target tokens; "
           f"{len(val_ex)} validation examples", flush=True)
-    peft_model, history = train(model, tok, train_ex, val_ex, cfg, progress=progress, name=variant)
+    hook = None
+    if on_policy:
+        from ..backends import open_backend
+        from .on_policy import OnPolicy
+
+        engine = open_backend(teacher_backend, teacher, dtype=dtype, device=str(state.device) if device == "auto"
+                              else device, options=teacher_backend_options)
+        hook = OnPolicy(engine, tok, cfg["on_policy"], k=stores["train"].manifest["settings"]["k"],
+                        max_new_tokens=cfg["on_policy_max_new_tokens"], max_length=cfg["max_length"],
+                        seed=cfg["seed"] + state.process_index)
+    peft_model, history = train(model, tok, train_ex, val_ex, cfg, progress=progress, name=variant,
+                                prepare_batch=hook)
+    if hook is not None:
+        hook.engine.close()
+        history["on_policy_batches"] = [hook.sampled, hook.batches]
+        print(f"on-policy: {hook.sampled} of {hook.batches} batches were the student's own samples", flush=True)
     if state.is_main_process:
         save_adapter(peft_model, out_dir, history, settings)
         print(f"trained in {history['seconds']} s; saved to {out_dir}")
     state.wait_for_everyone()
     return out_dir
+
+
+def _check_on_policy_teacher(teacher: str | None, store) -> None:
+    from ..models import model_fingerprint
+
+    if teacher is None:
+        raise ValueError("on-policy KD needs the teacher (the profile's 'teacher') to score the student's samples")
+    wrote = store.manifest["settings"]["teacher"]
+    if wrote != model_fingerprint(teacher):
+        raise ValueError(f"on-policy KD: the teacher {teacher!r} is not the one that wrote {store.path} "
+                         f"({wrote['model']!r}); the samples must be scored by the store's teacher")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -392,7 +466,9 @@ def main(argv: list[str] | None = None) -> int:
                         data_source=p.get("data_source", "gsm_symbolic"), data_dir=p.get("data_dir"),
                         n_train=p.get("n_train", 0), n_validation=p.get("n_validation", 0), n_test=p.get("n_test", 0),
                         seed=p.get("seed", 0), train_seed=train_seed, unfinished=p.get("teacher_unfinished", "keep"),
-                        dtype=p.get("dtype", "auto"))
+                        dtype=p.get("dtype", "auto"), teacher=p.get("teacher"),
+                        teacher_backend=p.get("teacher_backend", "transformers"),
+                        teacher_backend_options=p.get("teacher_backend_options"))
     except (ValueError, FileNotFoundError, TrainingDiverged) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 1

@@ -308,8 +308,9 @@ class _ChunkedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, w, b, rows, chunk, terms, scale_ce, scale_kd, sums):
-        grad_h, grad_w = torch.zeros_like(h), torch.zeros_like(w)
-        grad_b = None if b is None else torch.zeros_like(b)
+        # a frozen head (LoRA leaves it alone) gets no gradient: one matrix product per chunk saved
+        grad_h, grad_w = torch.zeros_like(h), torch.zeros_like(w) if w.requires_grad else None
+        grad_b = None if b is None or not b.requires_grad else torch.zeros_like(b)
         total = ce_sum = kd_sum = 0.0
         contiguous = len(rows) > 0 and int(rows[-1] - rows[0]) == len(rows) - 1
         for s in range(0, len(rows), chunk):
@@ -321,21 +322,24 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 part = scale_ce * ce_t.sum() + (scale_kd * kd_t.sum() if kd_t is not None else 0.0)
                 (dz,) = torch.autograd.grad(part, z)
             grad_h[r] = dz @ w
-            grad_w.addmm_(dz.T, h[r])  # in place: no [V, H] temporary per chunk
+            if grad_w is not None:
+                grad_w.addmm_(dz.T, h[r])  # in place: no [V, H] temporary per chunk
             if grad_b is not None:
                 grad_b += dz.sum(0)
             total += part.item()
             ce_sum += ce_t.sum().item()
             kd_sum += kd_t.sum().item() if kd_t is not None else 0.0
-        ctx.save_for_backward(grad_h, grad_w, *([] if grad_b is None else [grad_b]))
+        ctx.grads = (grad_h, grad_w, grad_b)
         sums.update(ce=ce_sum, kd=kd_sum)
         return h.new_tensor(total, dtype=torch.float32)
 
     @staticmethod
     def backward(ctx, g):
-        grad_h, grad_w, *rest = ctx.saved_tensors
+        grad_h, grad_w, grad_b = ctx.grads
+        ctx.grads = None
         g = g.to(grad_h.dtype)
-        return grad_h * g, grad_w * g, (rest[0] * g if rest else None), None, None, None, None, None, None
+        scaled = [None if x is None else x * g for x in (grad_h, grad_w, grad_b)]
+        return (*scaled, None, None, None, None, None, None)
 
 
 def chunked_kd_loss(kind: str, hidden, lm_head_weight, target_ids, mask, topk_ids=None, topk_logprobs=None, *,
