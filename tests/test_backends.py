@@ -206,3 +206,40 @@ def test_exllamav2_conforms_to_transformers_on_the_gpu(tmp_path_factory):
     engine = backends.open_backend("exllamav2", path)
     reference = backends.open_backend("transformers", path, dtype="fp16", device="cuda")
     print(conform(engine, reference, Tolerance(tie=0.05, mean_abs=5e-3, max_abs=5e-2, tail=5e-2)))
+
+
+def test_vllm_log_prob_maps_give_the_capture_of_the_full_distribution(tiny_dir):
+    """What the vllm engine builds from {id: log-prob} maps (the top-k plus the taken token, as vLLM
+    returns them) equals the capture of the full logits; the tail is log(1 − Σ top-k)."""
+    from helpers.backends.vllm_engine import capture_from_logprobs
+
+    torch.manual_seed(0)
+    logits = torch.randn(5, 300) * 3
+    taken = torch.tensor([3, 17, 250, 0, 99])
+    want = capture.topk_capture(logits, 8, taken)
+    logp = torch.log_softmax(logits, -1)
+    maps = [{int(i): float(logp[j, i]) for i in [*logp[j].topk(8).indices.tolist(), int(taken[j])]} for j in range(5)]
+    got = capture_from_logprobs(maps, taken.tolist(), 8, vocab_size=300)
+    assert np.array_equal(got["topk_ids"], want["topk_ids"].numpy())
+    assert np.array_equal(got["topk_logprobs"], want["topk_logprobs"].numpy())
+    np.testing.assert_allclose(got["token_logprobs"], want["token_logprobs"].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(got["tail_logprobs"], want["tail_logprobs"].numpy(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="fewer than k=8: raise its max_logprobs"):
+        capture_from_logprobs([{1: -0.1, 2: -3.0}], [1], 8, vocab_size=300)
+
+
+def test_a_loop_cut_after_generation_is_where_the_loop_stop_ends_the_row(tiny_dir):
+    """vLLM cannot stop a row mid-flight on the project's loop rule; cutting the finished row at the
+    first multiple of 8 where it loops gives exactly the row the transformers engine stops."""
+    from helpers.backends.vllm_engine import loop_cut
+
+    model, tok = models.load_model(tiny_dir, dtype="fp32")
+    prompts, _ = _problems(tok, 4)
+    free = hf.generate_with_capture(model, tok, prompts, k=4, max_new_tokens=96)
+    stopped = hf.generate_with_capture(model, tok, prompts, k=4, max_new_tokens=96, stop_loops=True)
+    eos = capture.eos_ids(model, tok)
+    assert any(r["stop"] == "loop" for r in stopped)  # the untrained tiny model loops
+    for a, b in zip(free, stopped):
+        cut = loop_cut(tok, a["token_ids"], eos)
+        row = capture.solution_row(tok, a["token_ids"], eos, looped_at=cut)
+        assert (row["token_ids"], row["stop"]) == (b["token_ids"], b["stop"])

@@ -79,3 +79,17 @@ def test_two_gloo_processes_train_the_adapter_of_one_process(profile):
     assert any(w1[k].abs().max() > 0 for k in w1 if "lora_B" in k)  # training moved the adapter
     torch.testing.assert_close(torch.tensor(h2["train_loss"]), torch.tensor(h1["train_loss"]), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.tensor(h2["val_loss"]), torch.tensor(h1["val_loss"]), rtol=1e-5, atol=1e-6)
+
+
+def test_the_shipped_accelerate_configs_load_and_say_what_they_are():
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    from helpers.settings import PROJECT
+
+    want = {"one-gpu": DistributedType.NO, "ddp": DistributedType.MULTI_GPU, "fsdp": DistributedType.FSDP}
+    readme = (PROJECT / "README.md").read_text()
+    for name, kind in want.items():
+        path = PROJECT / "configs" / "accelerate" / f"{name}.yaml"
+        assert load_config_from_file(str(path)).distributed_type == kind
+        assert f"configs/accelerate/{name}.yaml" in readme  # each documented with its command

@@ -205,7 +205,7 @@ def train(model, tokenizer, train_examples: list[Example], val_examples: list[Ex
     import contextlib
     import itertools
 
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedType
     from accelerate.utils import set_seed
     from peft import LoraConfig, get_peft_model
     from torch.utils.data import DataLoader
@@ -291,7 +291,11 @@ def train(model, tokenizer, train_examples: list[Example], val_examples: list[Ex
         history["val_loss"].append(val)
     bar.close()
     history["seconds"] = round(time.time() - t0, 1)
-    return accelerator.unwrap_model(model), history
+    peft_model = accelerator.unwrap_model(model)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        # the weights are sharded over the processes: all of them join the gather, the main one saves it
+        peft_model.full_state_dict = accelerator.get_state_dict(model)
+    return peft_model, history
 
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "history.json")
@@ -304,7 +308,8 @@ def save_adapter(peft_model, out_dir: str | Path, history: dict, settings: dict)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
-        peft_model.save_pretrained(tmp)
+        # under FSDP the full state gathered at the end of training (train); else the model's own
+        peft_model.save_pretrained(tmp, state_dict=getattr(peft_model, "full_state_dict", None))
         write_json(tmp / "history.json", history)
         write_manifest(tmp, {"stage": "distill", "settings": settings, "helpers_version": __version__,
                              "files": {f: file_record(tmp / f) for f in ADAPTER_FILES}})
