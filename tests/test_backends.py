@@ -243,3 +243,26 @@ def test_a_loop_cut_after_generation_is_where_the_loop_stop_ends_the_row(tiny_di
         cut = loop_cut(tok, a["token_ids"], eos)
         row = capture.solution_row(tok, a["token_ids"], eos, looped_at=cut)
         assert (row["token_ids"], row["stop"]) == (b["token_ids"], b["stop"])
+
+
+@needs_llama_cpp
+def test_a_store_written_by_llama_cpp_is_a_store_like_any_other(tmp_path):
+    """build_store on the llama_cpp engine: the same format and tokenizer fingerprint as the
+    transformers engine's store, the engine named in its settings, and the student reads it."""
+    from helpers.data import Record
+    from helpers.kd import distill
+
+    records = [Record(f"r{i}", f"What is {i} + {i}?", f"{i} + {i} = {2 * i}\n#### {2 * i}", 2.0 * i) for i in range(3)]
+    kw = dict(teacher="smollm2-135m-instruct", strategy="base", k=8, max_new_tokens=12, batch_size=2, shard_size=2,
+              progress=False)
+    store = teacher.build_store(tmp_path / "cpp", records, backend="llama_cpp", backend_options={"n_ctx": 512}, **kw)
+    assert store.complete and store.manifest["settings"]["backend"] == "llama_cpp"
+    tok = models.load_tokenizer("smollm2-135m-instruct")
+    store.check_tokenizer(models.tokenizer_fingerprint(tok))
+    again = LogitStore(tmp_path / "cpp")
+    for r in records:
+        rec = again.get(r.id)
+        assert 1 <= len(rec) <= 12 and rec.topk_ids.shape == (len(rec), 8)
+        assert rec.response == tok.decode(rec.token_ids, skip_special_tokens=True).strip()
+    exs = distill.build_examples(records, tok, store)
+    assert [e.input_ids[e.n_prompt:] for e in exs] == [list(store.get(r.id).token_ids) for r in records]
