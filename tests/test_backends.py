@@ -266,3 +266,16 @@ def test_a_store_written_by_llama_cpp_is_a_store_like_any_other(tmp_path):
         assert rec.response == tok.decode(rec.token_ids, skip_special_tokens=True).strip()
     exs = distill.build_examples(records, tok, store)
     assert [e.input_ids[e.n_prompt:] for e in exs] == [list(store.get(r.id).token_ids) for r in records]
+
+
+@needs_llama_cpp
+def test_llama_cpp_refuses_what_does_not_fit_its_context_before_decoding():
+    engine = backends.open_backend("llama_cpp", "smollm2-135m-instruct", options={"n_ctx": 64})
+    try:
+        with pytest.raises(ValueError, match="up to 90 tokens does not fit llama.cpp's context of 64 tokens: "
+                                             "raise the llama_cpp option n_ctx"):
+            engine.generate([[1] * 10], k=4, max_new_tokens=80)
+        with pytest.raises(ValueError, match="does not fit llama.cpp's context"):
+            engine.score([[1] * 40], [[2] * 40], k=4)
+    finally:
+        engine.close()

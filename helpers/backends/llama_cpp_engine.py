@@ -65,11 +65,9 @@ class LlamaCppEngine:
 
     def __init__(self, llm, tokenizer, *, eos: list[int], cleanup: Path | None = None):
         self.llm, self.tokenizer, self.eos, self._cleanup = llm, tokenizer, eos, cleanup
-        if llm.n_vocab() != len(tokenizer):
-            # the GGUF's vocabulary may carry padding rows past the tokenizer's ids; fewer is a mismatch
-            if llm.n_vocab() < len(tokenizer):
-                raise ValueError(f"the GGUF has {llm.n_vocab()} token ids but its tokenizer has {len(tokenizer)}: "
-                                 "they do not belong together")
+        if llm.n_vocab() < len(tokenizer):  # more ids in the GGUF (padding rows) is fine, fewer is a mismatch
+            raise ValueError(f"the GGUF has {llm.n_vocab()} token ids but its tokenizer has {len(tokenizer)}: "
+                             "they do not belong together")
 
     @classmethod
     def open(cls, teacher: str, *, dtype: str = "auto", device: str = "auto", n_ctx: int = 2048,
@@ -90,13 +88,18 @@ class LlamaCppEngine:
             raise
         return cls(llm, tok, eos=eos_ids(tokenizer=tok), cleanup=cleanup)
 
+    def _fits(self, n: int) -> None:
+        # llama.cpp may round its context up; the logits kept per position are what n_ctx asked for
+        room = min(self.llm.n_ctx(), len(self.llm.scores))
+        if n > room:
+            raise ValueError(f"a sequence of up to {n} tokens does not fit llama.cpp's context of {room} tokens: "
+                             "raise the llama_cpp option n_ctx")
+
     def _feed(self, ids: list[int], start: int) -> torch.Tensor:
         """Bring the context to exactly ``ids``, reusing the cached common prefix up to ``start`` at
         most, and return the logits at positions ``start`` … ``len(ids) - 1``, [n, V] fp32."""
         llm = self.llm
-        if len(ids) > llm.n_ctx():
-            raise ValueError(f"a sequence of {len(ids)} tokens does not fit llama.cpp's context of {llm.n_ctx()} "
-                             "tokens: raise the llama_cpp option n_ctx")
+        self._fits(len(ids))
         cached = llm.input_ids[:llm.n_tokens].tolist()
         keep = 0
         while keep < min(len(cached), start) and cached[keep] == ids[keep]:
@@ -111,6 +114,7 @@ class LlamaCppEngine:
 
     def generate(self, prompt_ids: list[list[int]], *, k: int, max_new_tokens: int, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, stop_loops: bool = False) -> list[dict]:
+        self._fits(max(map(len, prompt_ids), default=0) + max_new_tokens)
         return [decode_row(self.tokenizer, self.eos, self._feed(list(p), len(p) - 1)[-1], self._step, k=k,
                            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
                            stop_loops=stop_loops) for p in prompt_ids]
