@@ -90,6 +90,14 @@ def tiny_dir(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def loaded(tiny_dir):
+    """The tiny chat model and its tokenizer, loaded once per test module (fp32)."""
+    from helpers import models
+
+    return models.load_model(tiny_dir, dtype="fp32")
+
+
 @pytest.fixture(scope="session")
 def tiny_base_dir(tmp_path_factory):
     """The same tiny model with a tokenizer that has no chat template (a base model)."""

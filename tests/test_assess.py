@@ -17,11 +17,6 @@ RECORDS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_dir):
-    return models.load_model(tiny_dir, dtype="fp32")
-
-
 def _prompts(tok, recs=RECORDS):
     return [models.prompt_text(tok, student_messages(r.question)) for r in recs]
 

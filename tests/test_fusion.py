@@ -10,7 +10,7 @@ from conftest import make_metaspace_tokenizer, make_model, make_tokenizer
 from helpers.backends.transformers_engine import score_with_capture
 from helpers.data import Record
 from helpers.fusion.align import id_spans
-from helpers.fusion.fuse import FusedExample, collate_fused, fused_examples, teacher_weights
+from helpers.fusion.fuse import collate_fused, fused_examples, teacher_weights
 from helpers.fusion.losses import cross_kd_loss, piece_logprobs
 from helpers.fusion.targets import PIECE, TOKEN, map_record, read_targets, write_targets
 from helpers.fusion.vocab import build_vocab_map, token_texts

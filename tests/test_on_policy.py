@@ -19,11 +19,6 @@ CFG = {"loss": "jsd", "alpha": 1.0, "optimizer": "adamw", "lr": 5e-3, "epochs": 
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_dir):
-    return models.load_model(tiny_dir, dtype="fp32")
-
-
-@pytest.fixture(scope="module")
 def store(loaded, tiny_dir, tmp_path_factory):
     return teacher.build_store(tmp_path_factory.mktemp("store"), RECORDS, teacher=tiny_dir, strategy="gold-hint",
                                k=8, max_new_tokens=7, batch_size=4, shard_size=4, loaded=loaded, progress=False)

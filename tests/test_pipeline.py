@@ -1,6 +1,5 @@
 """The runner: profile checks, and the notebooks end to end on the smoke profile (CPU, no downloads)."""
 import json
-import shutil
 
 import pytest
 import yaml

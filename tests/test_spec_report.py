@@ -11,11 +11,6 @@ QUESTIONS = ["Tom has 3 apples and buys 4 more. How many?", "What is 10 - 5?",
              "Natalia sold 48 clips in April and half as many in May. How many altogether?"]
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_dir):
-    return models.load_model(tiny_dir, dtype="fp32")
-
-
 def _greedy(model, tok, prompt, n):
     enc = tok(prompt, return_tensors="pt", add_special_tokens=False)
     out = model.generate(**enc, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)

@@ -17,11 +17,6 @@ RECORDS = [Record(f"r{i}", q, f"{i} + 1 = {i + 1}\n#### {i + 1}", float(i + 1)) 
     "Weng earns $12 an hour for babysitting 50 minutes. How much?"])]
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_dir):
-    return models.load_model(tiny_dir, dtype="fp32")
-
-
 def _prompts(tok, recs=RECORDS):
     return [models.prompt_text(tok, student_messages(r.question)) for r in recs]
 
