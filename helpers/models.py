@@ -532,6 +532,11 @@ def load_tokenizer(name_or_path: str):
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise _load_error(name_or_path, e) from e
+    return for_generation(tok)
+
+
+def for_generation(tok):
+    """Set a tokenizer up for batched generation (left padding, a pad token); returns it."""
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -279,3 +279,15 @@ def test_llama_cpp_refuses_what_does_not_fit_its_context_before_decoding():
             engine.score([[1] * 40], [[2] * 40], k=4)
     finally:
         engine.close()
+
+
+@needs_llama_cpp
+def test_llama_cpp_reads_a_gguf_path_with_the_tokenizer_inside_it():
+    folder, name = models.gguf_location("smollm2-135m-instruct")
+    engine = backends.open_backend("llama_cpp", str(folder / name), options={"n_ctx": 256})
+    try:
+        want = models.load_tokenizer("smollm2-135m-instruct")
+        assert models.tokenizer_fingerprint(engine.tokenizer) == models.tokenizer_fingerprint(want)
+        assert engine.tokenizer.padding_side == "left" and engine.tokenizer.pad_token_id is not None
+    finally:
+        engine.close()

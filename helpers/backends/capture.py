@@ -53,6 +53,15 @@ def text_ids(tokenizer, texts: list[str]) -> list[list[int]]:
     return [tokenizer(t, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for t in texts]
 
 
+def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists as one left-padded batch: ``(input_ids, attention_mask)``, every row ending
+    at the last column."""
+    width = max(map(len, seqs))
+    ids = torch.tensor([[pad_id] * (width - len(s)) + list(s) for s in seqs], device=device)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
+    return ids, mask
+
+
 def prompt_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
     """Rendered prompt texts as token ids (special tokens only where no chat template wrote them)."""
     add = add_special_tokens(tokenizer)
@@ -110,17 +119,18 @@ def solution_row(tokenizer, seq: list[int], eos, *, looped_at: int | None = None
     stop = "eos" if seq and seq[n - 1] in eos else "loop" if looped_at else "cap"
     row = {"token_ids": seq[:n], "finished": stop == "eos", "stop": stop,
            "response": tokenizer.decode(seq[:n], skip_special_tokens=True).strip()}
-    for key, v in (capture or {}).items():
-        v = v[:n]
-        row[key] = v.cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
-    return row
+    return {**row, **{key: _numpy(v[:n]) for key, v in (capture or {}).items()}}
 
 
 def scored_row(tokenizer, text_ids: list[int], capture: dict) -> dict:
     """The row of one scored (teacher-forced) text: finished by construction."""
     return {"token_ids": list(text_ids), "finished": True, "stop": "eos",
             "response": tokenizer.decode(text_ids, skip_special_tokens=True).strip(),
-            **{key: v.cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v) for key, v in capture.items()}}
+            **{key: _numpy(v) for key, v in capture.items()}}
+
+
+def _numpy(v) -> np.ndarray:
+    return v.cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
 
 
 def decode_row(tokenizer, eos, logits: torch.Tensor, step, *, k: int, max_new_tokens: int, do_sample: bool = False,

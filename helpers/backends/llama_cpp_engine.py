@@ -45,17 +45,13 @@ def _gguf(teacher: str) -> tuple[Path, Path | None]:
 
 
 def _tokenizer(teacher: str, gguf: Path, tokenizer: str | None):
-    from ..models import EMBEDDED, load_tokenizer
+    from ..models import EMBEDDED, for_generation, load_tokenizer
 
     if tokenizer is not None or teacher in EMBEDDED:
         return load_tokenizer(tokenizer or teacher)
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    tok.padding_side = "left"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
+    return for_generation(AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name))
 
 
 class LlamaCppEngine:

@@ -22,6 +22,7 @@ from ..models import add_special_tokens
 from .capture import (
     LOOP_CHECK_EVERY,
     eos_ids,
+    left_pad,
     looping,
     prompt_ids,
     scored_row,
@@ -99,11 +100,8 @@ def encode_prompts(tokenizer, prompts: list[str] | list[list[int]], device) -> d
     """A left-padded batch of prompts given as texts (tokenized here, the project's one rule) or
     as token ids (used as they are)."""
     if prompts and not isinstance(prompts[0], str):
-        width = max(map(len, prompts))
-        pad = tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+        ids, mask = left_pad(prompts, tokenizer.pad_token_id, device)
+        return {"input_ids": ids, "attention_mask": mask}
     return tokenizer(prompts, return_tensors="pt", padding=True,
                      add_special_tokens=add_special_tokens(tokenizer)).to(device)
 
@@ -140,11 +138,8 @@ def score_ids(model, pad_id: int, prompt_ids: list[list[int]], text_ids: list[li
               k: int = 64) -> list[dict[str, torch.Tensor]]:
     """Teacher forcing of ``prompt_ids[b] + text_ids[b]`` in one forward pass: the capture
     (``capture.topk_capture``) at every token of the text, on the model's device."""
-    seqs = [list(p) + list(t) for p, t in zip(prompt_ids, text_ids)]
-    width = max(map(len, seqs))
     # left padding: every sequence ends at the last column, so the last L logits cover all texts
-    input_ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs], device=model.device)
-    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=model.device)
+    input_ids, mask = left_pad([list(p) + list(t) for p, t in zip(prompt_ids, text_ids)], pad_id, model.device)
     longest = max(map(len, text_ids))
     with torch.inference_mode():
         logits = model(input_ids=input_ids, attention_mask=mask, logits_to_keep=longest + 1).logits
@@ -156,9 +151,7 @@ def score_ids(model, pad_id: int, prompt_ids: list[list[int]], text_ids: list[li
 def score_with_capture(model, tokenizer, prompts: list[str], texts: list[str], *, k: int = 64) -> list[dict]:
     """One batch of teacher forcing: the teacher reads ``prompt + text + eos``; top-k log-probs at
     every token of ``text`` (and of the closing end-of-sequence token)."""
-    targets = text_ids(tokenizer, texts)
-    caps = score_ids(model, tokenizer.pad_token_id, prompt_ids(tokenizer, prompts), targets, k=k)
-    return [scored_row(tokenizer, t, cap) for t, cap in zip(targets, caps)]
+    return TransformersEngine(model, tokenizer).score(prompt_ids(tokenizer, prompts), text_ids(tokenizer, texts), k=k)
 
 
 class TransformersEngine:

@@ -40,8 +40,12 @@ from statistics import NormalDist
 
 import torch
 
-from ..backends.capture import eos_ids  # noqa: F401  (re-exported: the same rule as the teacher's generation)
-from ..models import add_special_tokens, tokenizer_fingerprint
+from ..backends.capture import (
+    eos_ids,  # noqa: F401  (re-exported: the same rule as the teacher's generation)
+    left_pad,
+    prompt_ids,
+)
+from ..models import tokenizer_fingerprint
 from .drafters import Drafter, RowCache, Sampling
 
 
@@ -330,14 +334,11 @@ def speculative_generate(target, drafter: Drafter, tokenizer, prompts: list[str]
         raise ValueError("prompts must be a non-empty list of strings")
     check_drafter(target, drafter, tokenizer)
     dev = target.device
-    add = add_special_tokens(tokenizer)
-    ids = [tokenizer(p, add_special_tokens=add).input_ids for p in prompts]
+    ids = prompt_ids(tokenizer, prompts)
     if not all(ids):
         raise ValueError(f"prompt {next(i for i, x in enumerate(ids) if not x)} is empty after tokenisation")
-    width = max(map(len, ids))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=dev)
-    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=dev)
+    input_ids, mask = left_pad(ids, pad, dev)
     generator = torch.Generator(device=dev).manual_seed(seed)
     sampling = Sampling(do_sample=do_sample, temperature=temperature, top_p=top_p, generator=generator)
     eos = eos_ids(target, tokenizer)
