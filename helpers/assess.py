@@ -34,35 +34,53 @@ REVIEW_COLUMNS = ["experiment", "id", "gold", "extracted", "rule", "candidates",
 def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_new_tokens: int = 256,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
              stop_loops: bool = False, progress: bool = True, on_batch=None) -> list[dict]:
-    """Generate a response for each prompt (left-padded batches, longest prompts first).
+    """Generate a response for each prompt, longest prompts first, with ``batch_size`` rows in flight:
+    a row that ends is replaced at once by the next prompt (``backends.continuous``; models whose
+    cache cannot be refilled run left-padded batches through ``generate`` instead).
 
     Returns one dict per prompt, in the order given: ``response`` (special tokens removed),
     ``n_tokens`` (generated, up to and including end-of-sequence), ``finished`` (ended at
     end-of-sequence) and ``stop`` (``eos``; ``loop``: stopped repeating itself, with
     ``stop_loops``; ``cap``: cut at ``max_new_tokens``). ``on_batch(indices, rows)`` is called
-    after every batch, so callers can save as they go.
+    as rows are done (one at a time when refilling), so callers can save as they go.
     """
     import torch
     from tqdm.auto import tqdm
 
+    from .backends import continuous
+    from .backends.capture import prompt_ids
     from .backends.transformers_engine import generate_with_capture
-    from .models import add_special_tokens
 
     if tokenizer.padding_side != "left":
         raise ValueError("batched generation needs a left-padding tokenizer (models.load_tokenizer sets it)")
-    add = add_special_tokens(tokenizer)
-    lengths = [len(tokenizer(p, add_special_tokens=add).input_ids) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    ids = prompt_ids(tokenizer, prompts)
+    order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))
     results: list[dict | None] = [None] * len(prompts)
     torch.manual_seed(seed)
     bar = tqdm(total=len(prompts), desc="generating", unit="q", disable=not progress)
+
+    def response(o: dict) -> dict:
+        return {"response": o["response"], "n_tokens": len(o["token_ids"]), "finished": o["finished"],
+                "stop": o["stop"]}
+
+    if continuous.supported(model):
+        def done(j: int, o: dict) -> None:
+            results[order[j]] = response(o)
+            if on_batch is not None:
+                on_batch([order[j]], [results[order[j]]])
+            bar.update(1)
+
+        continuous.decode(model, tokenizer, [ids[i] for i in order], batch_size=batch_size,
+                          max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
+                          stop_loops=stop_loops, on_row=done)
+        bar.close()
+        return results  # type: ignore[return-value]
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         out = generate_with_capture(model, tokenizer, [prompts[i] for i in idx], max_new_tokens=max_new_tokens,
                                     do_sample=do_sample, temperature=temperature, top_p=top_p, capture=False,
                                     stop_loops=stop_loops)
-        rows = [{"response": o["response"], "n_tokens": len(o["token_ids"]), "finished": o["finished"],
-                 "stop": o["stop"]} for o in out]
+        rows = [response(o) for o in out]
         for i, row in zip(idx, rows):
             results[i] = row
         if on_batch is not None:
@@ -377,6 +395,54 @@ def paired_bootstrap(diffs, *, resamples: int = 10_000, seed: int = 0) -> tuple[
     return (float(lo), float(hi))
 
 
+def min_detectable_difference(n: int, discordant: float, *, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest accuracy difference a two-sided paired test at level ``alpha`` detects with
+    probability ``power`` on ``n`` questions, when a share ``discordant`` of them is answered right by
+    exactly one of the two models (Connor's normal approximation to McNemar's test:
+    n·δ² = (z_{1−α/2}·√ψ + z_{power}·√(ψ − δ²))², solved for δ ≤ ψ). NaN when even δ = ψ (every
+    discordant pair one way) is not enough."""
+    from statistics import NormalDist
+
+    z_a, z_b = NormalDist().inv_cdf(1 - alpha / 2), NormalDist().inv_cdf(power)
+    psi = float(discordant)
+    if n <= 0 or not 0 < psi <= 1:
+        return float("nan")
+    short = lambda d: n * d * d - (z_a * math.sqrt(psi) + z_b * math.sqrt(max(psi - d * d, 0.0))) ** 2  # noqa: E731
+    if short(psi) < 0:
+        return float("nan")
+    lo, hi = 0.0, psi
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if short(mid) < 0 else (lo, mid)
+    return hi
+
+
+def primary_markdown(pairs: pd.DataFrame, primary: str, controls=("no-distillation", "fine-tuning")) -> str:
+    """The pre-registered comparisons of ``primary`` against each control, first in the report: the
+    paired difference with its 95 % interval and McNemar p, and the smallest difference the test
+    split detects at 80 % power given the discordance observed."""
+    rows = pairs[(pairs["Experiment"] == primary) & pairs["Control"].isin(list(controls))]
+    if rows.empty:
+        return ""
+    lines = ["## Pre-registered comparison", "",
+             f"Stated in the profile before the run: **{primary}** against each control, paired over the same test "
+             "questions (exact McNemar test, 95 % paired bootstrap interval). 'Detectable' is the smallest difference "
+             "this many questions detect with 80 % power at the 5 % level, given the share of questions on which "
+             "the two disagree.", "",
+             "| comparison | n | difference | 95% CI | McNemar p | discordant | detectable (80% power) | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
+    for _, r in rows.iterrows():
+        psi = (r["This better"] + r["Control better"]) / max(1, r["n"])
+        mdd = min_detectable_difference(int(r["n"]), psi)
+        apart = r["CI low"] > 0 or r["CI high"] < 0
+        verdict = (("better" if r["Difference"] > 0 else "worse") + " (interval excludes 0)") if apart else \
+            "no difference shown (interval spans 0)"
+        lines.append(f"| {primary} vs {r['Control']} | {r['n']} | {100 * r['Difference']:+.1f} pp | "
+                     f"{100 * r['CI low']:+.1f} to {100 * r['CI high']:+.1f} | {r['McNemar p']:.3g} | {100 * psi:.1f}% | "
+                     + ("n/a" if math.isnan(mdd) else f"±{100 * mdd:.1f} pp") + f" | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
 PAIR_COLUMNS = ["Experiment", "Control", "n", "Seeds", "This better", "Control better", "Ties",
                 "Difference", "CI low", "CI high", "McNemar p"]
 
@@ -479,8 +545,10 @@ def table_markdown(table: pd.DataFrame, title: str | None = None, notes: list[st
 
 def write_outputs(logs_dir: str | Path, scored: dict[str, pd.DataFrame], *, title: str | None = None,
                   notes: list[str] | None = None, extra: dict[str, dict[str, float]] | None = None,
-                  controls=()) -> pd.DataFrame:
+                  controls=(), primary: str | None = None) -> pd.DataFrame:
     """Write per-question CSVs, ``accuracy.md``/``accuracy.csv`` and ``manual_review.csv`` (atomically).
+    ``primary``: the pre-registered row, whose comparisons with the controls open the report
+    (``primary_markdown``).
 
     ``extra`` adds columns: ``{column: {experiment: value}}`` (missing experiments stay blank).
     ``controls``: rows every other row is compared with, pairwise on the same questions
@@ -499,7 +567,9 @@ def write_outputs(logs_dir: str | Path, scored: dict[str, pd.DataFrame], *, titl
     if controls:
         write_text(logs_dir / "accuracy_pairs.csv", pairs.to_csv(index=False))
     md = table_markdown(table, title, notes)
-    write_text(logs_dir / "accuracy.md", md + ("\n" + pairs_markdown(pairs) if not pairs.empty else ""))
+    first = primary_markdown(pairs, primary, controls) if primary else ""
+    write_text(logs_dir / "accuracy.md", md + ("\n" + first if first else "")
+               + ("\n" + pairs_markdown(pairs) if not pairs.empty else ""))
     review = [
         {"experiment": row.get("experiment", name), **{k: row[k] for k in REVIEW_COLUMNS[1:-1]}, "answer": ""}
         for name, df in scored.items() for _, row in df[df["needs_review"]].iterrows()

@@ -30,6 +30,14 @@
     ≤ 0.5) and time (target ≤ 1.10)
 (j) teacher engines: the ``llama_cpp`` engine's capture throughput on the model's GGUF ÷ the
     ``transformers`` engine's, same prompts, greedy (reported; needs the ``[cpu-fast]`` extra)
+(k) generation throughput as assessment runs it (test prompts of the default profile's source,
+    its batch and token cap, loops stopped, greedy): generated tokens per second with rows refilled
+    as they end (``backends.continuous``) ÷ plain ``generate`` on left-padded batches of the same
+    size, longest prompts first (the toolkit's path before refilling); the outputs must be equal
+    token for token                                                    target ≥ 3.0
+
+``--reference-cpu`` runs it all as on the reference laptop CPU (AVX2 only, fp32): the process
+restarts with MKL, oneDNN and ATen limited to AVX2 (``REFERENCE_CPU``) on a CPU that has more.
 
 ``--quick`` measures everything on smaller batches with one repeat (a few minutes on a busy
 2-core machine); each figure is printed as soon as it is measured.
@@ -52,7 +60,8 @@ import torch
 
 from .artifacts import write_json, write_text
 
-TARGETS = {"capture_ratio": 1.10, "kd_step_ratio": 1.15, "cross_kd_step_ratio": 1.3, "collm_cost_ratio": 1.15,
+REFERENCE_CPU = {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+TARGETS = {"generation_speedup": 3.0, "capture_ratio": 1.10, "kd_step_ratio": 1.15, "cross_kd_step_ratio": 1.3, "collm_cost_ratio": 1.15,
            "chunked_memory_ratio": 0.5, "chunked_time_ratio": 1.10,
            "spec_measured_over_predicted": 0.9, "spec_ours_over_assisted": 1.0, "align_ratio": 50.0}
 QUESTIONS = [
@@ -102,6 +111,58 @@ def bench_capture(model, tok, *, batch: int, tokens: int, k: int, repeats: int) 
     return {"capture_s": statistics.median(t_cap), "plain_s": statistics.median(t_plain),
             "capture_ratio": statistics.median(t_cap) / statistics.median(t_plain),
             "same_tokens": same, "generated_tokens": n_tokens, "rows": out[True]}
+
+
+def cpu_name() -> str:
+    """The CPU's model name and its widest vector extensions, with any AVX2 emulation in force."""
+    import os
+    import platform
+
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and name in ("", platform.machine(), platform.processor()):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    wide = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
+    emulated = all(os.environ.get(k) == v for k, v in REFERENCE_CPU.items())
+    return f"{name} ({', '.join(wide) or 'flags unknown'})" + ("; emulating AVX2 only" if emulated else "")
+
+
+def bench_generation(model, tok, *, source: str, n: int, batch: int, tokens: int) -> dict:
+    """(k) Tokens per second of assessment-style generation: rows refilled as they end ÷ plain
+    ``generate`` on static batches, the same prompts, greedy with loop stops; outputs compared."""
+    from .backends import continuous
+    from .backends.capture import prompt_ids
+    from .backends.transformers_engine import generate_with_capture
+    from .data import load_split
+    from .models import prompt_text
+    from .prompts import student_messages
+
+    ids = prompt_ids(tok, [prompt_text(tok, student_messages(r.question)) for r in load_split("test", source=source, n=n)])
+    ids.sort(key=len, reverse=True)
+    settings = {"max_new_tokens": tokens, "stop_loops": True}
+    out, secs = {}, {}
+    for which in ("plain", "refilled"):
+        _sync()
+        t = time.perf_counter()
+        if which == "plain":
+            out[which] = [row for b in range(0, n, batch) for row in
+                          generate_with_capture(model, tok, ids[b:b + batch], capture=False, **settings)]
+        else:
+            out[which] = continuous.decode(model, tok, ids, batch_size=batch, **settings)
+        _sync()
+        secs[which] = time.perf_counter() - t
+    count = {w: sum(len(r["token_ids"]) for r in rows) for w, rows in out.items()}
+    same = sum(a["token_ids"] == b["token_ids"] for a, b in zip(out["plain"], out["refilled"]))
+    speed = {w: count[w] / secs[w] for w in out}
+    return {"generation_source": source, "generation_prompts": n, "generation_batch": batch, "generation_cap": tokens,
+            "generation_plain_tokens_per_s": speed["plain"], "generation_refilled_tokens_per_s": speed["refilled"],
+            "generation_speedup": speed["refilled"] / speed["plain"], "generation_identical_rows": same,
+            "generation_tokens": count["plain"], "generation_capped": sum(r["stop"] == "cap" for r in out["plain"])}
 
 
 def bench_engines(name: str, model, tok, *, batch: int, tokens: int, k: int, repeats: int) -> dict:
@@ -643,9 +704,9 @@ def bench_align(tok_a, tok_b, texts: list[str], *, sizes: list[int], repeats: in
     return per_size
 
 
-QUICK = {"batch": 4, "tokens": 24, "train_batch": 2, "train_length": 96, "repeats": 1, "collm_tokens": 16,
+QUICK = {"gen_prompts": 32, "gen_batch": 16, "gen_tokens": 96, "batch": 4, "tokens": 24, "train_batch": 2, "train_length": 96, "repeats": 1, "collm_tokens": 16,
          "spec_tokens": 32, "align_repeats": 10, "chunked_tokens": 1024, "chunked_hidden": 256}
-FULL = {"batch": 16, "tokens": 64, "train_batch": 4, "train_length": 256, "repeats": 3, "collm_tokens": 48,
+FULL = {"gen_prompts": 128, "gen_batch": 64, "gen_tokens": 160, "batch": 16, "tokens": 64, "train_batch": 4, "train_length": 256, "repeats": 3, "collm_tokens": 48,
         "spec_tokens": 64, "align_repeats": 50, "chunked_tokens": 1024, "chunked_hidden": 0}
 
 
@@ -656,6 +717,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="smollm2-135m-instruct", help="hub id, path or embedded name")
     ap.add_argument("--quick", action="store_true", help="smaller batches, one repeat: minutes on a busy CPU "
                                                          "(default output logs/bench/quick)")
+    ap.add_argument("--reference-cpu", action="store_true", help="measure as on the reference laptop CPU: AVX2 "
+                    "only (MKL, oneDNN and ATen limited to it), fp32")
+    ap.add_argument("--gen-source", default="word_arith", help="problem source of entry (k) (default word_arith, the "
+                    "default profile's)")
+    ap.add_argument("--gen-prompts", type=int, help="test prompts in entry (k) (default 128; quick 32)")
+    ap.add_argument("--gen-batch", type=int, help="rows in flight in entry (k) (default 64, as assessment; quick 16)")
+    ap.add_argument("--gen-tokens", type=int, help="token cap in entry (k) (default 160, as assessment; quick 96)")
+    ap.add_argument("--skip-generation", action="store_true", help="leave out the generation throughput entry (k)")
     ap.add_argument("--batch", type=int, help="prompts per generation batch (default 16; quick 4)")
     ap.add_argument("--tokens", type=int, help="new tokens per prompt (default 64; quick 24)")
     ap.add_argument("--k", type=int, default=64, help="top-k kept per position (default 64)")
@@ -686,6 +755,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-engines", action="store_true", help="leave out the llama_cpp ÷ transformers entry (j)")
     ap.add_argument("--out", default=None, help="folder for bench.md and bench.json (default logs/bench)")
     args = ap.parse_args(argv)
+    import os
+
+    if args.reference_cpu:
+        args.dtype = "fp32"
+        if any(os.environ.get(k) != v for k, v in REFERENCE_CPU.items()):  # set before torch loads its kernels
+            env = {**os.environ, **REFERENCE_CPU}
+            os.execve(sys.executable, [sys.executable, "-m", "helpers.bench", *(sys.argv[1:] if argv is None else argv)],
+                      env)
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -705,7 +782,7 @@ def main(argv: list[str] | None = None) -> int:
                    "llama-cpp-python is not installed (pip install -e .[cpu-fast])" if importlib.util.find_spec("llama_cpp")
                    is None else None if args.model in EMBEDDED or args.model.endswith(".gguf") else
                    f"{args.model} is not a GGUF model (an embedded name or a .gguf file)")
-    phases = (["load", "(a) capture"] + ([] if engines_why else ["(j) llama_cpp ÷ transformers"]) + ["(b) KD step", "(h) cross-tokenizer KD step", "(d) Co-LLM", "(c) store"]
+    phases = (["load"] + ([] if args.skip_generation else ["(k) generation"]) + ["(a) capture"] + ([] if engines_why else ["(j) llama_cpp ÷ transformers"]) + ["(b) KD step", "(h) cross-tokenizer KD step", "(d) Co-LLM", "(c) store"]
               + ([] if args.skip_speculative else ["(f) speculative"]) + ([] if args.skip_dtypes else ["(e) fp32 ÷ bf16"])
               + ([] if args.skip_align else ["(g) alignment"]) + ([] if args.skip_chunked else ["(i) chunked loss"]))
     bar = tqdm(total=len(phases), desc="benchmark", unit="figure")
@@ -717,8 +794,19 @@ def main(argv: list[str] | None = None) -> int:
     bar.set_postfix_str(phases[0])
     model, tok = load_model(args.model, dtype=args.dtype)
     loaded = {"device": str(model.device), "dtype": str(model.dtype)}
-    done(f"model {args.model} on {model.device} ({model.dtype}); torch threads {torch.get_num_threads()}")
-    bar.set_postfix_str(phases[1])
+    done(f"model {args.model} on {model.device} ({model.dtype}); torch threads {torch.get_num_threads()}; "
+         f"CPU {cpu_name()}")
+    ge = {}
+    if not args.skip_generation:
+        bar.set_postfix_str("(k) generation")
+        ge = bench_generation(model, tok, source=args.gen_source, n=args.gen_prompts, batch=args.gen_batch,
+                              tokens=args.gen_tokens)
+        done(f"(k) generation ({args.gen_prompts} {args.gen_source} test prompts, batch {args.gen_batch}, cap "
+             f"{args.gen_tokens}): refilled {ge['generation_refilled_tokens_per_s']:.1f} tokens/s ÷ plain generate "
+             f"{ge['generation_plain_tokens_per_s']:.1f} tokens/s = {ge['generation_speedup']:.2f}× "
+             f"(target ≥ {TARGETS['generation_speedup']}); identical rows {ge['generation_identical_rows']}/"
+             f"{args.gen_prompts}")
+    bar.set_postfix_str("(a) capture")
     cap = bench_capture(model, tok, batch=args.batch, tokens=args.tokens, k=args.k, repeats=args.repeats)
     done(f"(a) capture {cap['capture_s']:.2f} s / plain {cap['plain_s']:.2f} s = {cap['capture_ratio']:.3f}")
     en = {}
@@ -731,19 +819,19 @@ def main(argv: list[str] | None = None) -> int:
              f"{100 * en['engines_shared_prefix']:.0f} % of their tokens before they first differ")
     else:
         bar.write(f"(j) llama_cpp ÷ transformers left out: {engines_why}")
-    bar.set_postfix_str(phases[2])
+    bar.set_postfix_str("(b) KD step")
     kd = bench_kd_step(model, batch=args.train_batch, length=args.train_length, k=args.k, repeats=args.repeats)
     done(f"(b) KD step {kd['kd_step_s']:.2f} s / CE step {kd['ce_step_s']:.2f} s = {kd['kd_step_ratio']:.3f}")
-    bar.set_postfix_str(phases[3])
+    bar.set_postfix_str("(h) cross-tokenizer KD step")
     xk = bench_cross_kd_step(model, batch=args.train_batch, length=args.train_length, k=args.k, repeats=args.repeats)
     done(f"(h) cross-tokenizer KD step {xk['cross_kd_step_s']:.2f} s / same-tokenizer KD step "
          f"{xk['same_kd_step_s']:.2f} s = {xk['cross_kd_step_ratio']:.3f}")
-    bar.set_postfix_str(phases[4])
+    bar.set_postfix_str("(d) Co-LLM")
     co = bench_collm(model, tok, tokens=args.collm_tokens, rate=args.collm_rate, repeats=args.repeats)
     done(f"(d) Co-LLM {1e3 * co['collm_s_per_token']:.1f} ms/token at rate {co['collm_rate']:.2f}; bound base "
          f"{1e3 * co['collm_base_s_per_token']:.1f} + r·assistant {1e3 * co['collm_assistant_s_per_token']:.1f} ms/token: "
          f"ratio {co['collm_cost_ratio']:.3f}; re-reading the prefix is {co['collm_reread_speedup']:.2f}× slower")
-    bar.set_postfix_str(phases[5])
+    bar.set_postfix_str("(c) store")
     st = bench_store(cap.pop("rows"), args.k)
     done(f"(c) store {st['bytes_per_token']:.1f} bytes/token (arrays {st['array_bytes_per_token']}, "
          f"target ≤ {st['bytes_per_token_target']})")
@@ -797,7 +885,12 @@ def main(argv: list[str] | None = None) -> int:
         bar.update(1)
     bar.close()
 
-    checks = {
+    checks = {}
+    if ge:
+        checks["generation_speedup"] = (ge["generation_speedup"], f"≥ {TARGETS['generation_speedup']} (identical)",
+                                        ge["generation_speedup"] >= TARGETS["generation_speedup"]
+                                        and ge["generation_identical_rows"] == args.gen_prompts)
+    checks |= {
         "capture_ratio": (cap["capture_ratio"], f"≤ {TARGETS['capture_ratio']}", cap["capture_ratio"] <= TARGETS["capture_ratio"] and cap["same_tokens"]),
         "kd_step_ratio": (kd["kd_step_ratio"], f"≤ {TARGETS['kd_step_ratio']}", kd["kd_step_ratio"] <= TARGETS["kd_step_ratio"]),
         "cross_kd_step_ratio": (xk["cross_kd_step_ratio"], f"≤ {TARGETS['cross_kd_step_ratio']}",
@@ -828,13 +921,14 @@ def main(argv: list[str] | None = None) -> int:
                                                   r["memory_ratio"] <= TARGETS["chunked_memory_ratio"])
         checks[f"chunked_time_ratio_{name}"] = (r["time_ratio"], f"≤ {TARGETS['chunked_time_ratio']}",
                                                 r["time_ratio"] <= TARGETS["chunked_time_ratio"])
-    setup = {"model": args.model, **loaded, "quick": args.quick, "batch": args.batch,
+    setup = {"model": args.model, **loaded, "quick": args.quick, "gen_source": args.gen_source,
+             "gen_prompts": args.gen_prompts, "gen_batch": args.gen_batch, "gen_tokens": args.gen_tokens, "batch": args.batch,
              "tokens": args.tokens, "k": args.k, "collm_rate": args.collm_rate, "collm_tokens": args.collm_tokens, "train_batch": args.train_batch, "train_length": args.train_length,
              "repeats": args.repeats, "spec_tokens": args.spec_tokens,
              **({} if args.skip_align else {"align_tokenizer": args.align_tokenizer, "align_tokens": align_sizes}),
              "align_repeats": args.align_repeats,
              "chunked_tokens": args.chunked_tokens, "chunked_hidden": args.chunked_hidden,
-             "torch": torch.__version__, "threads": torch.get_num_threads(),
+             "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_name(),
              "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
     lines = ["# Benchmark", "", ", ".join(f"{k}={v}" for k, v in setup.items()), "",
              "| figure | value | target | met |", "|---|---|---|---|"]
@@ -864,7 +958,12 @@ def main(argv: list[str] | None = None) -> int:
             f"predicted" for g, v in sp["spec_per_gamma"].items())
             + f"; output equals plain generate: {sp['spec_identical']} (ours), {sp['spec_assisted_identical']} (assisted).")
     write_text(out / "bench.md", "\n".join(lines) + "\n")
-    write_json(out / "bench.json", {"setup": setup, **cap, **en, **kd, **xk, **st, **co, **dt, **sp, **al,
+    if ge:
+        lines.append(f"Generation (k): {ge['generation_tokens']} tokens ({ge['generation_capped']} rows at the cap); "
+                     f"plain generate {ge['generation_plain_tokens_per_s']:.1f} tokens/s, refilled "
+                     f"{ge['generation_refilled_tokens_per_s']:.1f} tokens/s; rows identical "
+                     f"{ge['generation_identical_rows']}/{ge['generation_prompts']}.")
+    write_json(out / "bench.json", {"setup": setup, **ge, **cap, **en, **kd, **xk, **st, **co, **dt, **sp, **al,
                                     **({"chunked": ch} if ch else {}),
                                     "met": {name: ok for name, (_, _, ok) in checks.items()}})
     print("\n".join(lines[4:]))

@@ -8,6 +8,9 @@ Sources
   ``gsm_symbolic`` generator from a seed. One seeded stream is cut into test, validation and
   train, in that order, with duplicate questions dropped, so the test split depends only on
   its own size and never shares a question with the others.
+- ``gsm_symbolic-2step``: the same stream, keeping only problems whose reference solution takes at
+  most two calculation lines ("His cousin has 9 - 3 = 6 toys. Together, they have 9 + 6 = 15 toys."):
+  about a third of GSM-Symbolic, the part a 135M model can partly solve and learn from on a laptop.
 - ``gsm8k`` / ``gsm8k-socratic``: ``openai/gsm8k`` (configs ``main`` / ``socratic``) through
   ``datasets``, or, with ``data_dir``, the original JSONL files (``train.jsonl``, ``test.jsonl``,
   ``train_socratic.jsonl``, ``test_socratic.jsonl``). Validation is a seeded sample of the
@@ -25,7 +28,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 SPLITS = ("train", "validation", "test")
-SOURCES = ("gsm_symbolic", "gsm8k", "gsm8k-socratic")
+SOURCES = ("word_arith", "gsm_symbolic", "gsm_symbolic-2step", "gsm8k", "gsm8k-socratic")
+SYMBOLIC = {"gsm_symbolic": None, "gsm_symbolic-2step": 2}  # source -> most calculation steps (None: any)
 
 # reasoning-gym appends an output instruction to every question; the project's prompts own
 # that instruction instead, so GSM-Symbolic questions read like GSM8K ones.
@@ -65,7 +69,12 @@ def _stable_id(prefix: str, text: str) -> str:
 
 
 # --------------------------------------------------------------------------- GSM-Symbolic
-def _gsm_symbolic(seed: int, sizes: dict[str, int]) -> dict[str, list[Record]]:
+def solution_steps(solution: str) -> int:
+    """Calculation lines of a GSM8K-style solution: its non-empty lines before ``####``."""
+    return sum(1 for line in solution.split("####")[0].splitlines() if line.strip())
+
+
+def _gsm_symbolic(seed: int, sizes: dict[str, int], max_steps: int | None = None) -> dict[str, list[Record]]:
     import reasoning_gym
 
     wanted = sum(sizes.values())
@@ -82,7 +91,7 @@ def _gsm_symbolic(seed: int, sizes: dict[str, int]) -> dict[str, list[Record]]:
             index += 1
             question = _RG_SUFFIX.sub("", item["question"]).strip()
             solution = item["metadata"]["answer_cot"].strip()
-            if question in seen:
+            if question in seen or (max_steps is not None and solution_steps(solution) > max_steps):
                 continue
             try:
                 gold = parse_gold(solution)
@@ -98,6 +107,69 @@ def _gsm_symbolic(seed: int, sizes: dict[str, int]) -> dict[str, list[Record]]:
         size *= 2
         if size > 50 * wanted + 10_000:
             raise RuntimeError("gsm_symbolic produced too few distinct problems for the requested sizes")
+    return out
+
+
+# --------------------------------------------------------------------------- word arithmetic
+_NAMES = ["Ava", "Ben", "Chloe", "Diego", "Emma", "Farid", "Grace", "Hiro", "Isla", "Jonas", "Kira", "Liam",
+          "Maya", "Noah", "Olga", "Priya", "Quinn", "Rosa", "Sam", "Tariq"]
+_ITEMS = ["apples", "stickers", "marbles", "pencils", "cookies", "books", "shells", "coins", "cards", "flowers"]
+# one template per step pattern: (question, solution lines), formatted with n (name), t (items),
+# the numbers a, b, c and the results x (first step) and y (second step)
+_WORD_TEMPLATES = [
+    ("{n} has {a} {t}. {n} gets {b} more {t}. How many {t} does {n} have now?",
+     ["{n} has {a} + {b} = {x} {t} now."]),
+    ("{n} had {a} {t} and gave {b} of them away. How many {t} does {n} have left?",
+     ["{n} has {a} - {b} = {x} {t} left."]),
+    ("{n} buys {a} bags with {b} {t} in each bag. How many {t} does {n} buy?",
+     ["{n} buys {a} * {b} = {x} {t}."]),
+    ("{n} has {a} {t}, gets {b} more, then gives away {c}. How many {t} does {n} have now?",
+     ["After getting more, {n} has {a} + {b} = {x} {t}.", "After giving some away, {n} has {x} - {c} = {y} {t}."]),
+    ("{n} has {a} boxes with {b} {t} in each box and {c} loose {t}. How many {t} does {n} have in all?",
+     ["The boxes hold {a} * {b} = {x} {t}.", "In all, {n} has {x} + {c} = {y} {t}."]),
+    ("{n} had {a} {t}, lost {b}, and then found {c}. How many {t} does {n} have now?",
+     ["After losing some, {n} has {a} - {b} = {x} {t}.", "After finding some, {n} has {x} + {c} = {y} {t}."]),
+]
+
+
+def _word_problem(rng: random.Random) -> tuple[str, str, float]:
+    """One seeded word problem: question, GSM8K-style solution ending in ``#### N``, the answer."""
+    question, steps = rng.choice(_WORD_TEMPLATES)
+    n, t = rng.choice(_NAMES), rng.choice(_ITEMS)
+    if "*" in steps[0]:
+        a, b = rng.randint(2, 9), rng.randint(2, 12)
+        x = a * b
+    elif "-" in steps[0]:
+        a = rng.randint(10, 60)
+        b = rng.randint(1, a - 1)
+        x = a - b
+    else:
+        a, b = rng.randint(2, 60), rng.randint(2, 40)
+        x = a + b
+    c = rng.randint(1, x - 1) if "- {c}" in "".join(steps) else rng.randint(2, 30)
+    y = x - c if "- {c}" in "".join(steps) else x + c
+    values = {"n": n, "t": t, "a": a, "b": b, "c": c, "x": x, "y": y}
+    answer = y if len(steps) == 2 else x
+    solution = "\n".join(line.format(**values) for line in steps) + f"\n#### {answer}"
+    return question.format(**values), solution, float(answer)
+
+
+def _word_arith(seed: int, sizes: dict[str, int]) -> dict[str, list[Record]]:
+    """Test, validation and train cut from one seeded stream of word problems, duplicates dropped."""
+    rng = random.Random(f"word_arith-{seed}")
+    out: dict[str, list[Record]] = {}
+    seen: set[str] = set()
+    for split in ("test", "validation", "train"):
+        out[split] = []
+        for _ in range(100 * sizes.get(split, 0) + 1000):
+            if len(out[split]) == sizes.get(split, 0):
+                break
+            question, solution, answer = _word_problem(rng)
+            if question not in seen:
+                seen.add(question)
+                out[split].append(Record(_stable_id(f"words{seed}", question), question, solution, answer))
+        if len(out[split]) < sizes.get(split, 0):
+            raise RuntimeError(f"word_arith produced too few distinct problems for {sizes[split]} {split} problems")
     return out
 
 
@@ -185,10 +257,14 @@ def load_splits(source: str = "gsm_symbolic", *, n_train: int = 0, n_validation:
     sizes = {"train": int(n_train), "validation": int(n_validation), "test": int(n_test)}
     if any(v < 0 for v in sizes.values()):
         raise ValueError(f"split sizes must be non-negative, got {sizes}")
-    if source == "gsm_symbolic":
+    if source in SYMBOLIC:
         if data_dir is not None:
             raise ValueError("data_dir is only for the gsm8k sources")
-        out = _gsm_symbolic(seed, sizes)
+        out = _gsm_symbolic(seed, sizes, SYMBOLIC[source])
+    elif source == "word_arith":
+        if data_dir is not None:
+            raise ValueError("data_dir is only for the gsm8k sources")
+        out = _word_arith(seed, sizes)
     elif source in ("gsm8k", "gsm8k-socratic"):
         out = _gsm8k(source, seed, sizes, data_dir)
     else:

@@ -30,7 +30,7 @@ from .artifacts import one_line
 LOSS_KINDS = ("forward_kl", "reverse_kl", "jsd", "tv", "ce")
 TEACHER_LOSSES = ("forward_kl", "reverse_kl", "jsd", "tv")
 DTYPES = ("auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32")
-DATA_SOURCES = ("gsm_symbolic", "gsm8k", "gsm8k-socratic")
+DATA_SOURCES = ("word_arith", "gsm_symbolic", "gsm_symbolic-2step", "gsm8k", "gsm8k-socratic")
 EXTRACT_MODES = ("robust", "seed")
 OPTIMIZERS = ("sgd", "adamw")
 UNFINISHED = ("keep", "drop")
@@ -270,7 +270,10 @@ PARAMS: dict[str, Setting] = {s.name: s for s in [
     # assessment (03)
     _s("experiments", Mapping("a mapping of row name to {model, adapter}"),
        "extra rows of the accuracy table", read_by=("03",)),
-    _s("batch_size", _SIZE, "generation batch of assessment, Co-LLM and fusion", read_by=("03", "04", "06")),
+    _s("primary", Text(what="a variant name"), "the pre-registered primary row: compared first, against "
+       "no-distillation and then fine-tuning, with the smallest difference the test split can detect",
+       optional=True, read_by=("03",)),
+    _s("batch_size", _SIZE, "generation rows in flight in assessment, Co-LLM and fusion", read_by=("03", "04", "06")),
     _s("max_new_tokens", _SIZE, "longest response in assessment, Co-LLM and fusion, in tokens",
        read_by=("03", "04", "06")),
     _s("extract_mode", Choice(EXTRACT_MODES), "answer extraction rules (seed: the study's)", read_by=("01", "03", "04", "06")),
@@ -512,8 +515,9 @@ def check_params(params: dict, *, origins: dict[str, str] | None = None, readers
                                 f"(it is read by notebook {', '.join(PARAMS[key].read_by)})")
     o = lambda k: f"{origins.get(k, 'params')}: "  # noqa: E731
     if out.get("data_dir") is not None:
-        if out.get("data_source", "gsm_symbolic") == "gsm_symbolic":
-            raise SettingsError(f"{o('data_dir')}data_dir is for the gsm8k sources; data_source is gsm_symbolic")
+        if not out.get("data_source", "gsm_symbolic").startswith("gsm8k"):
+            raise SettingsError(f"{o('data_dir')}data_dir is for the gsm8k sources; "
+                                f"data_source is {out.get('data_source', 'gsm_symbolic')}")
         if not Path(out["data_dir"]).is_dir():
             raise SettingsError(f"{o('data_dir')}data_dir={out['data_dir']!r}: no such folder")
     templates = check_templates(out.get("prompt_templates"), o("prompt_templates"))

@@ -1,4 +1,5 @@
 import json
+import math
 
 import numpy as np
 import pandas as pd
@@ -54,7 +55,8 @@ def test_generate_needs_left_padding(loaded):
 
 
 class CountingModel:
-    """Wraps a model and counts generate calls and prompts."""
+    """Wraps a model and counts the prompts it reads (rows of a forward pass over more than one new
+    token: a prefill; decoding steps feed one token per row)."""
 
     def __init__(self, model):
         self.model, self.prompts = model, 0
@@ -62,9 +64,10 @@ class CountingModel:
     def __getattr__(self, name):
         return getattr(self.model, name)
 
-    def generate(self, **kw):
-        self.prompts += kw["input_ids"].shape[0]
-        return self.model.generate(**kw)
+    def __call__(self, **kw):
+        if kw["input_ids"].shape[1] > 1:
+            self.prompts += kw["input_ids"].shape[0]
+        return self.model(**kw)
 
 
 def test_generation_cache_resumes_and_invalidates(loaded, tiny_dir, tmp_path):
@@ -326,6 +329,38 @@ def test_teacher_text_metrics_match_a_per_example_reference(tiny_dir, tmp_path):
             rows = batch["mask"][0].bool()
             conf += probs.max(-1).values[rows].tolist()
             hit += (probs.argmax(-1) == batch["targets"][0])[rows].tolist()
-    assert got["kd"] == pytest.approx(kd / count, rel=1e-5)
+    # the teacher is the model itself, so KD is ~1e-5 nats and fp32 summation order shows at 1e-10
+    assert got["kd"] == pytest.approx(kd / count, rel=1e-5, abs=1e-8)
     assert got["ece"] == pytest.approx(assess.calibration_error(conf, hit), abs=1e-5)
     assert 0 < got["ece"] < 1 and len(conf) == count
+
+
+def test_min_detectable_difference_solves_connors_equation():
+    from statistics import NormalDist
+
+    z_a, z_b = NormalDist().inv_cdf(0.975), NormalDist().inv_cdf(0.8)
+    for n, psi in ((200, 0.2), (64, 0.3), (500, 0.05)):
+        d = assess.min_detectable_difference(n, psi)
+        assert 0 < d <= psi
+        assert n * d * d == pytest.approx((z_a * psi ** 0.5 + z_b * (psi - d * d) ** 0.5) ** 2, rel=1e-9)
+    # more questions detect smaller differences; too few discordant questions detect nothing
+    assert assess.min_detectable_difference(400, 0.2) < assess.min_detectable_difference(200, 0.2)
+    assert math.isnan(assess.min_detectable_difference(20, 0.05))
+    assert math.isnan(assess.min_detectable_difference(100, 0.0))
+
+
+def test_primary_comparison_opens_the_report(tmp_path):
+    n = 40
+    recs = [Record(f"q{i}", "?", "#### 1", 1.0) for i in range(n)]
+    right = lambda k: pd.DataFrame([{"id": r.id, "response": f"The answer is {1 if i < k else 2}.", "n_tokens": 5,  # noqa: E731
+                                     "finished": True, "stop": "eos"} for i, r in enumerate(recs)])
+    scored = {name: assess.score(name, recs, right(k)) for name, k in
+              (("no-distillation", 5), ("fine-tuning", 20), ("reference-kd", 25))}
+    assess.write_outputs(tmp_path, scored, controls=["no-distillation", "fine-tuning"], primary="reference-kd")
+    md = (tmp_path / "accuracy.md").read_text()
+    section = md.split("## Pre-registered comparison")[1].split("## Paired comparisons")[0]
+    assert "| reference-kd vs no-distillation | 40 | +50.0 pp |" in section
+    assert "better (interval excludes 0)" in section
+    assert "| reference-kd vs fine-tuning | 40 | +12.5 pp |" in section
+    mdd = 100 * assess.min_detectable_difference(40, 20 / 40)  # 20 of 40 questions discordant
+    assert f"| 50.0% | ±{mdd:.1f} pp |" in section

@@ -11,8 +11,13 @@ def test_bench_writes_its_figures(tiny_dir, tmp_path):
     bench.main(["--model", tiny_dir, "--batch", "2", "--tokens", "5", "--k", "8", "--train-batch", "2",
                 "--train-length", "16", "--repeats", "1", "--dtype", "fp32", "--collm-tokens", "6",
                 "--align-tokenizer", "trained", "--align-tokens", "24,48", "--align-repeats", "2",
-                "--chunked-tokens", "8", "--chunked-hidden", "16", "--out", str(tmp_path)])
+                "--chunked-tokens", "8", "--chunked-hidden", "16", "--gen-prompts", "6", "--gen-batch", "4",
+                "--gen-tokens", "12", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "bench.json").read_text())
+    # (k): refilled rows are the plain ones, token for token, and the speed-up is the ratio of the two rates
+    assert result["generation_identical_rows"] == 6 and result["generation_tokens"] > 0
+    assert result["generation_speedup"] == pytest.approx(
+        result["generation_refilled_tokens_per_s"] / result["generation_plain_tokens_per_s"], rel=1e-12)
     # both timed runs wrote the same tokens, and the store holds exactly those
     assert result["same_tokens"] is True and result["generated_tokens"] == 10 and result["store_tokens"] == 10
     # each reported ratio is the ratio of the reported times it was computed from
@@ -26,7 +31,7 @@ def test_bench_writes_its_figures(tiny_dir, tmp_path):
     # the store's arrays measured in the file cost exactly 6k + 12 bytes per token (k = 8)
     assert result["array_bytes_per_token"] == 6 * 8 + 12 == result["measured_array_bytes_per_token"]
     assert result["bytes_per_token"] > result["measured_array_bytes_per_token"]  # plus the header
-    assert set(result["met"]) == {"capture_ratio", "kd_step_ratio", "cross_kd_step_ratio", "bytes_per_token", "collm_cost_ratio",
+    assert set(result["met"]) == {"generation_speedup", "capture_ratio", "kd_step_ratio", "cross_kd_step_ratio", "bytes_per_token", "collm_cost_ratio",
                                   "collm_reread_speedup", "fp32_bf16_generate_ratio", "fp32_bf16_train_ratio",
                                   "auto_picks_faster_dtype", "spec_measured_over_predicted", "spec_ours_over_assisted",
                                   *(f"align_{f}_{n}" for f in ("ratio", "e2e_ratio", "one_to_one_share")
@@ -76,8 +81,8 @@ def test_bench_quick_fills_in_small_settings_and_prints_as_it_goes(tiny_dir, tmp
     assert {k: result["setup"][k] for k in bench.QUICK} == bench.QUICK and result["setup"]["quick"] is True
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if line.startswith("(")]
-    assert [line[:3] for line in lines[:6]] == ["(a)", "(j)", "(b)", "(h)", "(d)", "(c)"]  # each as it is measured
-    assert "is not a GGUF model" in lines[1] or "llama-cpp-python is not installed" in lines[1]  # (j) says why not
+    assert [line[:3] for line in lines[:7]] == ["(k)", "(a)", "(j)", "(b)", "(h)", "(d)", "(c)"]  # each as measured
+    assert "is not a GGUF model" in lines[2] or "llama-cpp-python is not installed" in lines[2]  # (j) says why not
     assert "fp32_bf16_train_ratio" not in result and "align_per_size" not in result
 
 

@@ -126,3 +126,36 @@ def test_records_roundtrip(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"id": "x"}\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl: record 1 lacks field\(s\) \['question', 'solution', 'answer'\]"):
         data.load_records(tmp_path / "bad.jsonl")
+
+
+def _check_arithmetic(solution: str) -> None:
+    """Every 'a op b = c' in a solution is right."""
+    import re
+
+    for a, op, b, c in re.findall(r"(\d+) ([-+*]) (\d+) = (\d+)", solution):
+        assert {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op] == int(c), solution
+
+
+def test_word_arith_splits_are_seeded_disjoint_and_correct():
+    a = load_splits("word_arith", n_train=300, n_validation=20, n_test=50, seed=1)
+    b = load_splits("word_arith", n_train=300, n_validation=20, n_test=50, seed=1)
+    assert {k: len(v) for k, v in a.items()} == {"train": 300, "validation": 20, "test": 50}
+    assert a == b and load_splits("word_arith", n_test=50, seed=2)["test"] != a["test"]
+    questions = [r.question for split in a.values() for r in split]
+    assert len(set(questions)) == len(questions)
+    steps = {data.solution_steps(r.solution) for r in a["train"]}
+    assert steps == {1, 2}
+    for r in a["train"]:
+        assert parse_gold(r.solution) == r.answer and r.answer > 0
+        _check_arithmetic(r.solution)
+    # the test split depends only on its own size
+    assert load_splits("word_arith", n_test=50, seed=1)["test"] == a["test"]
+
+
+def test_gsm_symbolic_2step_keeps_short_solutions():
+    short = load_splits("gsm_symbolic-2step", n_train=6, n_test=6, seed=0)
+    assert all(data.solution_steps(r.solution) <= 2 for split in short.values() for r in split)
+    every = load_splits("gsm_symbolic", n_test=40, seed=0)["test"]
+    assert max(data.solution_steps(r.solution) for r in every) > 2
+    with pytest.raises(ValueError, match="data_dir"):
+        load_splits("word_arith", n_test=2, data_dir="/tmp")

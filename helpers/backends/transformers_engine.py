@@ -19,6 +19,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria
 
 from ..models import add_special_tokens
+from . import continuous
 from .capture import (
     LOOP_CHECK_EVERY,
     eos_ids,
@@ -155,12 +156,14 @@ def score_with_capture(model, tokenizer, prompts: list[str], texts: list[str], *
 
 
 class TransformersEngine:
-    """A ``transformers`` causal LM as a teacher engine (see ``helpers.backends``)."""
+    """A ``transformers`` causal LM as a teacher engine (see ``helpers.backends``). ``generate`` keeps
+    ``batch_size`` rows in flight and refills finished ones (``continuous.decode``), or, for models
+    whose cache it cannot refill, runs ``generate_with_capture`` on batches of that size."""
 
     name = "transformers"
 
-    def __init__(self, model, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, model, tokenizer, batch_size: int = 8):
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
 
     @classmethod
     def open(cls, teacher: str, *, dtype: str = "auto", device: str = "auto", **options) -> TransformersEngine:
@@ -172,8 +175,13 @@ class TransformersEngine:
 
     def generate(self, prompt_ids: list[list[int]], *, k: int, max_new_tokens: int, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, stop_loops: bool = False) -> list[dict]:
-        return generate_with_capture(self.model, self.tokenizer, prompt_ids, k=k, max_new_tokens=max_new_tokens,
-                                     do_sample=do_sample, temperature=temperature, top_p=top_p, stop_loops=stop_loops)
+        settings = {"k": k, "max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
+                    "top_p": top_p, "stop_loops": stop_loops}
+        if continuous.supported(self.model):
+            return continuous.decode(self.model, self.tokenizer, prompt_ids, batch_size=self.batch_size, **settings)
+        return [row for b in range(0, len(prompt_ids), self.batch_size)
+                for row in generate_with_capture(self.model, self.tokenizer, prompt_ids[b:b + self.batch_size],
+                                                 **settings)]
 
     def score(self, prompt_ids: list[list[int]], text_ids: list[list[int]], *, k: int) -> list[dict]:
         caps = score_ids(self.model, self.tokenizer.pad_token_id, prompt_ids, text_ids, k=k)

@@ -57,6 +57,8 @@ def build_store(out_dir: str | Path, records, *, teacher: str, strategy: str, mo
     out_dir = Path(out_dir)
     records = list(records)
     engine = _engine(loaded, backend, teacher, dtype, device, backend_options)
+    if hasattr(engine, "batch_size"):  # an engine that batches: rows in flight
+        engine.batch_size = batch_size
     tok = engine.tokenizer
     settings = {"format": STORE_FORMAT, "teacher": model_fingerprint(teacher), "tokenizer": tokenizer_fingerprint(tok),
                 "backend": engine.name,
@@ -98,18 +100,21 @@ def build_store(out_dir: str | Path, records, *, teacher: str, strategy: str, mo
         if stop_after_shards is not None and written >= stop_after_shards:
             break
         torch.manual_seed(seed + s)  # sampling is reproducible per shard, so resuming changes nothing
-        rows = []
-        for b in range(0, len(chunk), batch_size):
-            batch = chunk[b:b + batch_size]
-            prompts = prompt_ids(tok, [prompt_text(tok, teacher_messages(strategy, r.question, plain_solution(r.solution),
-                                                                         templates)) for r in batch])
-            if mode == "generate":
-                out = engine.generate(prompts, k=k, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                      temperature=temperature, top_p=top_p, stop_loops=stop_loops)
-            else:
-                out = engine.score(prompts, text_ids(tok, [plain_solution(r.solution) for r in batch]), k=k)
-            rows += [{"id": r.id, **o} for r, o in zip(batch, out)]
-            bar.update(len(batch))
+        prompts = prompt_ids(tok, [prompt_text(tok, teacher_messages(strategy, r.question, plain_solution(r.solution),
+                                                                     templates)) for r in chunk])
+        if mode == "generate":
+            # the whole shard at once: an engine that batches (transformers) keeps batch_size rows in
+            # flight and refills finished ones
+            out = engine.generate(prompts, k=k, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                  temperature=temperature, top_p=top_p, stop_loops=stop_loops)
+            bar.update(len(chunk))
+        else:
+            out = []
+            for b in range(0, len(chunk), batch_size):
+                out += engine.score(prompts[b:b + batch_size],
+                                    text_ids(tok, [plain_solution(r.solution) for r in chunk[b:b + batch_size]]), k=k)
+                bar.update(min(batch_size, len(chunk) - b))
+        rows = [{"id": r.id, **o} for r, o in zip(chunk, out)]
         write_shard(path, rows, before_rename=lambda tmp, name=path.name: record(tmp, name))
         written += 1
     bar.close()
