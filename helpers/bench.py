@@ -30,8 +30,8 @@
     ≤ 0.5) and time (target ≤ 1.10)
 (j) teacher engines: the ``llama_cpp`` engine's capture throughput on the model's GGUF ÷ the
     ``transformers`` engine's, same prompts, greedy (reported; needs the ``[cpu-fast]`` extra)
-(k) generation throughput as assessment runs it (test prompts of the default profile's source,
-    its batch and token cap, loops stopped, greedy): generated tokens per second with rows refilled
+(k) generation throughput as assessment runs it (by default 64 GSM-Symbolic test prompts at batch
+    64 with room for 512 new tokens, loops stopped, greedy): generated tokens per second with rows refilled
     as they end (``backends.continuous``) ÷ plain ``generate`` on left-padded batches of the same
     size, longest prompts first (the toolkit's path before refilling); the outputs must be equal
     token for token                                                    target ≥ 3.0
@@ -704,9 +704,9 @@ def bench_align(tok_a, tok_b, texts: list[str], *, sizes: list[int], repeats: in
     return per_size
 
 
-QUICK = {"gen_prompts": 32, "gen_batch": 16, "gen_tokens": 96, "batch": 4, "tokens": 24, "train_batch": 2, "train_length": 96, "repeats": 1, "collm_tokens": 16,
+QUICK = {"gen_prompts": 32, "gen_batch": 16, "gen_tokens": 128, "batch": 4, "tokens": 24, "train_batch": 2, "train_length": 96, "repeats": 1, "collm_tokens": 16,
          "spec_tokens": 32, "align_repeats": 10, "chunked_tokens": 1024, "chunked_hidden": 256}
-FULL = {"gen_prompts": 128, "gen_batch": 64, "gen_tokens": 160, "batch": 16, "tokens": 64, "train_batch": 4, "train_length": 256, "repeats": 3, "collm_tokens": 48,
+FULL = {"gen_prompts": 64, "gen_batch": 64, "gen_tokens": 512, "batch": 16, "tokens": 64, "train_batch": 4, "train_length": 256, "repeats": 3, "collm_tokens": 48,
         "spec_tokens": 64, "align_repeats": 50, "chunked_tokens": 1024, "chunked_hidden": 0}
 
 
@@ -719,11 +719,11 @@ def main(argv: list[str] | None = None) -> int:
                                                          "(default output logs/bench/quick)")
     ap.add_argument("--reference-cpu", action="store_true", help="measure as on the reference laptop CPU: AVX2 "
                     "only (MKL, oneDNN and ATen limited to it), fp32")
-    ap.add_argument("--gen-source", default="word_arith", help="problem source of entry (k) (default word_arith, the "
-                    "default profile's)")
-    ap.add_argument("--gen-prompts", type=int, help="test prompts in entry (k) (default 128; quick 32)")
-    ap.add_argument("--gen-batch", type=int, help="rows in flight in entry (k) (default 64, as assessment; quick 16)")
-    ap.add_argument("--gen-tokens", type=int, help="token cap in entry (k) (default 160, as assessment; quick 96)")
+    ap.add_argument("--gen-source", default="gsm_symbolic", help="problem source of entry (k) (default gsm_symbolic: "
+                    "with the defaults below, the assessment of the study's problems as the default run made it)")
+    ap.add_argument("--gen-prompts", type=int, help="test prompts in entry (k) (default 64; quick 32)")
+    ap.add_argument("--gen-batch", type=int, help="rows in flight in entry (k) (default 64; quick 16)")
+    ap.add_argument("--gen-tokens", type=int, help="token cap in entry (k) (default 512; quick 128)")
     ap.add_argument("--skip-generation", action="store_true", help="leave out the generation throughput entry (k)")
     ap.add_argument("--batch", type=int, help="prompts per generation batch (default 16; quick 4)")
     ap.add_argument("--tokens", type=int, help="new tokens per prompt (default 64; quick 24)")

@@ -333,8 +333,8 @@ PARAMS: dict[str, Setting] = {s.name: s for s in [
 ]}
 
 
-def _t(name, type_, default, meaning):
-    return Setting(name, type_, meaning, default=default, read_by=("02",))
+def _t(name, type_, default, meaning, optional=False):
+    return Setting(name, type_, meaning, default=default, optional=optional, read_by=("02",))
 
 
 TRAINING: dict[str, Setting] = {s.name: s for s in [
@@ -353,6 +353,8 @@ TRAINING: dict[str, Setting] = {s.name: s for s in [
     _t("lora_r", _SIZE, 4, "LoRA rank"),
     _t("lora_alpha", Num(float, 0, lo_open=True), 8, "LoRA scale numerator"),
     _t("lora_dropout", Num(float, 0, 1, hi_open=True), 0.1, "LoRA dropout"),
+    _t("lora_layers", _SIZE, None, "LoRA on the top this many decoder layers only (null: every layer); the "
+       "backward pass stops below the lowest, so fewer layers train faster", optional=True),
     _t("lora_targets", ListOf(Text(what="a module name"), 1), ["q_proj", "k_proj", "v_proj", "o_proj"],
        "modules that get LoRA"),
     _t("seed", Num(int, 0), 0, "training seed (default: the profile's seed)"),

@@ -253,3 +253,15 @@ def test_chunked_loss_training_step_equals_the_plain_one(loaded, store, tiny_dir
         assert got[0][1].keys() == got[3][1].keys() and all("lora_" in k for k in got[0][1])
         for k in got[0][1]:
             torch.testing.assert_close(got[3][1][k], got[0][1][k], rtol=1e-4, atol=1e-6)
+
+
+def test_lora_on_the_top_layers_only(tiny_dir):
+    """lora_layers: 1 puts LoRA on the last decoder layer alone; it trains, the rest stays frozen."""
+    model, tok = models.load_model(tiny_dir, dtype="fp32")
+    exs = distill.build_examples(RECORDS, tok)
+    peft_model, hist = distill.train(model, tok, exs, exs[:2], {"loss": "ce", "lr": 0.05, "epochs": 1,
+                                                                "batch_size": 3, "lora_layers": 1}, progress=False)
+    lora = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
+    assert lora and all(".layers.1." in n for n in lora) and all(p.requires_grad for p in lora.values())
+    assert any(float(p.abs().sum()) > 0 for n, p in lora.items() if "lora_B" in n)  # B starts at zero: it moved
+    assert np.isfinite(hist["train_loss"]).all()

@@ -50,6 +50,8 @@ def test_smoke_profile_end_to_end(tmp_path):
         assert f"| {row} |" in md and (logs / "per_question" / f"{row}.csv").is_file()
     assert "KD divergence (val)" in md
     assert "## Paired comparisons" in md and "| gold-hint-kd | no-distillation | 4 |" in md
+    assert md.index("## Pre-registered comparison") < md.index("## Paired comparisons")
+    assert "| gold-hint-kd vs no-distillation | 4 |" in md and "| gold-hint-kd vs fine-tuning | 4 |" in md
     assert "| gold-hint-kd | fine-tuning | 4 |" in md and (logs / "accuracy_pairs.csv").is_file()
     div = {line.split(",")[0]: line.split(",")[1:] for line in (logs / "kd_divergence.csv").read_text().splitlines()}
     assert div["experiment"] == ["base", "gold-hint"]
@@ -166,7 +168,7 @@ def test_each_runs_one_instance_per_variant(tmp_path):
         pipeline._instances({"name": "x", "each": "variants"}, {})
     plan = pipeline.stage_plan(pipeline.load_profile("quick"), tmp_path)
     assert [s["name"] for s in plan if s["name"].startswith("02_")] == [
-        "02_distill-fine-tuning", "02_distill-base-kd", "02_distill-gold-hint-kd", "02_distill-on-policy-kd"]
+        "02_distill-fine-tuning", "02_distill-base-kd", "02_distill-reference-kd"]
     # a variant's stage sees only its own spec, so editing one variant leaves the others done
     assert all("variants" not in s["params"] for s in plan if s["name"].startswith("02_"))
 

@@ -23,7 +23,7 @@ def _check(tmp_path, *sets, profile="smoke"):
     ("teacher_k=null", "--set: teacher_k=null: expected an integer ≥ 1"),
     ("teacher_top_p=1.5", "--set: teacher_top_p=1.5: expected a number in (0, 1]"),
     ("dtype=float64", "--set: dtype='float64': expected one of auto, bf16"),
-    ("data_source=gsm9k", "--set: data_source='gsm9k': expected one of gsm_symbolic, gsm8k, gsm8k-socratic"),
+    ("data_source=gsm9k", "--set: data_source='gsm9k': expected one of word_arith, gsm_symbolic, gsm_symbolic-2step, gsm8k, gsm8k-socratic"),
     ("training={lr: 0}", "--set: training: lr=0: expected a number > 0"),
     ("training={lr: -1e-3}", "--set: training: lr=-0.001: expected a number > 0"),
     ("training={T: 0}", "--set: training: T=0: expected a number > 0"),

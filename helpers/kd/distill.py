@@ -188,8 +188,11 @@ def _diverged(cfg: dict, name: str, what: str, value: float, step: int, epoch: i
 
 
 def train(model, tokenizer, train_examples: list[Example], val_examples: list[Example], cfg: dict,
-          progress: bool = True, name: str = "training", *, collate_fn=None, loss_fn=None, prepare_batch=None):
-    """Train LoRA adapters on ``model`` in place; returns ``(peft_model, history)``.
+          progress: bool = True, name: str = "training", *, collate_fn=None, loss_fn=None, prepare_batch=None,
+          lora: bool = True):
+    """Train LoRA adapters on ``model`` in place; returns ``(peft_model, history)``. ``lora=False``
+    trains the model's own parameters that require a gradient instead (the caller freezes the
+    others; the ``lora_*`` settings are unused) and returns ``(model, history)``.
 
     ``collate_fn(examples, pad_id)`` and ``loss_fn(model, batch, cfg) -> (loss, parts, tokens)``
     replace ``collate`` and ``batch_loss`` for examples of another kind (``helpers.fusion``: targets
@@ -219,9 +222,13 @@ def train(model, tokenizer, train_examples: list[Example], val_examples: list[Ex
         raise ValueError(f"loss {cfg['loss']!r} needs teacher distributions; these examples have none")
     set_seed(cfg["seed"])
     accelerator = Accelerator()
-    lora = LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"],
-                      target_modules=list(cfg["lora_targets"]), task_type="CAUSAL_LM")
-    model = get_peft_model(model, lora)
+    if lora:
+        top = cfg["lora_layers"]  # LoRA on the top layers only: backward stops below the lowest of them
+        n_layers = model.config.get_text_config().num_hidden_layers
+        layers = {} if top is None else {"layers_to_transform": list(range(max(0, n_layers - top), n_layers))}
+        model = get_peft_model(model, LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"],
+                                                 lora_dropout=cfg["lora_dropout"], **layers,
+                                                 target_modules=list(cfg["lora_targets"]), task_type="CAUSAL_LM"))
     pad = tokenizer.pad_token_id
     keep = prepare_batch is not None  # the hook rebuilds batches from their examples
     make = lambda exs, shuffle: DataLoader(  # noqa: E731
