@@ -117,13 +117,25 @@ def pick_device(device: str = "auto") -> str:
     return "cpu"
 
 
-def cpu_bf16_native(flags: set[str] | None = None) -> bool:
+def cpu_bf16_native(flags: set[str] | None = None, capability: str | None = None) -> bool:
     """Whether this CPU does bf16 matrix work in hardware (x86: AVX512-BF16 or AMX-BF16; Arm: the
     BF16 extension). Elsewhere bf16 is emulated and slower than fp32. ``flags`` (for tests): the
-    CPU's feature names; default read from /proc/cpuinfo (Linux) or sysctl (macOS)."""
+    CPU's feature names; default read from /proc/cpuinfo (Linux) or sysctl (macOS). On x86 the
+    instruction set torch dispatches to counts too (``capability``, default
+    ``torch.backends.cpu.get_cpu_capability()``): a process capped at AVX2
+    (``ATEN_CPU_CAPABILITY=avx2``, as ``python -m helpers.bench --reference-cpu`` runs) has no bf16
+    kernels whatever the chip holds, and its bf16 matrix products fall back to a slow generic loop."""
     if flags is None:
         flags = _cpu_flags()
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16", "FEAT_BF16"})
+    if flags & {"bf16", "FEAT_BF16"}:  # Arm
+        return True
+    if not flags & {"avx512_bf16", "amx_bf16"}:
+        return False
+    if capability is None:
+        import torch
+
+        capability = torch.backends.cpu.get_cpu_capability()
+    return capability.upper().startswith("AVX512")
 
 
 def _cpu_flags() -> set[str]:

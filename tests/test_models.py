@@ -12,9 +12,13 @@ def test_load_by_path_is_ready_for_batched_generation(tiny_dir):
 
 
 def test_auto_dtype_on_cpu_follows_native_bf16(tiny_dir, monkeypatch):
-    """bf16 only where the CPU computes it in hardware; emulated bf16 is slower than fp32."""
-    assert models.cpu_bf16_native({"avx2", "avx512f", "avx512_bf16"})
-    assert models.cpu_bf16_native({"avx2", "amx_bf16", "amx_tile"})
+    """bf16 only where the CPU computes it in hardware and torch dispatches to those instructions;
+    emulated bf16 is slower than fp32."""
+    assert models.cpu_bf16_native({"avx2", "avx512f", "avx512_bf16"}, "AVX512")
+    assert models.cpu_bf16_native({"avx2", "amx_bf16", "amx_tile"}, "AVX512")
+    # the same chips in a process capped at AVX2 (ATEN_CPU_CAPABILITY=avx2: the reference laptop's emulation)
+    assert not models.cpu_bf16_native({"avx2", "avx512f", "avx512_bf16"}, "AVX2")
+    assert not models.cpu_bf16_native({"avx2", "amx_bf16", "amx_tile"}, "DEFAULT")
     assert models.cpu_bf16_native({"fp", "asimd", "bf16"})  # Arm (Graviton 3, recent Apple)
     assert not models.cpu_bf16_native({"avx2", "avx512f", "fma"})  # AVX2/AVX-512 without BF16
     monkeypatch.setattr(models, "_cpu_flags", lambda: {"avx2", "fma"})
@@ -22,6 +26,9 @@ def test_auto_dtype_on_cpu_follows_native_bf16(tiny_dir, monkeypatch):
     model, _ = models.load_model(tiny_dir, device="cpu")
     assert model.dtype == torch.float32
     monkeypatch.setattr(models, "_cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert models.pick_dtype("auto", "cpu") == torch.float32
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     assert models.pick_dtype("auto", "cpu") == torch.bfloat16
     assert models.load_model(tiny_dir, device="cpu")[0].dtype == torch.bfloat16
     assert models.pick_dtype("fp16") == torch.float16
