@@ -443,6 +443,41 @@ def primary_markdown(pairs: pd.DataFrame, primary: str, controls=("no-distillati
     return "\n".join(lines) + "\n"
 
 
+def strategies_markdown(scored: dict[str, pd.DataFrame], strategies: dict[str, str]) -> str:
+    """The seed study's question, which teacher prompting strategy helps most: the KD rows named in
+    ``strategies`` (row -> its teacher store), ranked by accuracy, and each pair of them compared on
+    the same questions (``paired_comparisons``: difference, 95 % paired bootstrap interval, exact
+    McNemar p). Empty with fewer than two such rows."""
+    rows = [r for r in strategies if r in scored]
+    if len(rows) < 2:
+        return ""
+    acc = {r: float(scored[r]["correct"].mean()) for r in rows}
+    ranked = sorted(rows, key=lambda r: (-acc[r], r))
+    pairs = paired_comparisons({r: scored[r] for r in ranked}, ranked)
+    lines = ["## Which teacher prompting strategy helps most", "",
+             "The KD rows that differ in the teacher store they learn from, by accuracy; below, each against each "
+             "one ranked below it, paired over the same test questions.", "",
+             "| rank | row | teacher strategy | accuracy |", "|---|---|---|---|"]
+    lines += [f"| {i + 1} | {r} | {strategies[r]} | {100 * acc[r]:.1f}% |" for i, r in enumerate(ranked)]
+    lines += ["", "| row | vs | n | difference | 95% CI | McNemar p | |", "|---|---|---|---|---|---|---|"]
+    above = {r: ranked[:i] for i, r in enumerate(ranked)}
+    lead = []
+    for _, p in pairs.iterrows():
+        if p["Experiment"] not in above[p["Control"]]:
+            continue
+        apart = p["CI low"] > 0 or p["CI high"] < 0
+        lines.append(f"| {p['Experiment']} | {p['Control']} | {p['n']} | {100 * p['Difference']:+.1f} pp | "
+                     f"{100 * p['CI low']:+.1f} to {100 * p['CI high']:+.1f} | {p['McNemar p']:.3g} | "
+                     + ("interval excludes 0" if apart else "interval spans 0") + " |")
+        if p["Experiment"] == ranked[0]:
+            lead.append(apart)
+    best = ranked[0]
+    verdict = (f"**{best}** ({strategies[best]}) is ahead of every other strategy with the paired interval excluding 0."
+               if all(lead) else f"**{best}** ({strategies[best]}) ranks first, but its lead is not shown: the paired "
+               "interval against " + ", ".join(p for p, a in zip(ranked[1:], lead) if not a) + " spans 0.")
+    return "\n".join(lines + ["", verdict]) + "\n"
+
+
 PAIR_COLUMNS = ["Experiment", "Control", "n", "Seeds", "This better", "Control better", "Ties",
                 "Difference", "CI low", "CI high", "McNemar p"]
 
@@ -545,7 +580,7 @@ def table_markdown(table: pd.DataFrame, title: str | None = None, notes: list[st
 
 def write_outputs(logs_dir: str | Path, scored: dict[str, pd.DataFrame], *, title: str | None = None,
                   notes: list[str] | None = None, extra: dict[str, dict[str, float]] | None = None,
-                  controls=(), primary: str | None = None) -> pd.DataFrame:
+                  controls=(), primary: str | None = None, strategies: dict[str, str] | None = None) -> pd.DataFrame:
     """Write per-question CSVs, ``accuracy.md``/``accuracy.csv`` and ``manual_review.csv`` (atomically).
     ``primary``: the pre-registered row, whose comparisons with the controls open the report
     (``primary_markdown``).
@@ -553,6 +588,8 @@ def write_outputs(logs_dir: str | Path, scored: dict[str, pd.DataFrame], *, titl
     ``extra`` adds columns: ``{column: {experiment: value}}`` (missing experiments stay blank).
     ``controls``: rows every other row is compared with, pairwise on the same questions
     (``paired_comparisons``; a section of ``accuracy.md`` and ``accuracy_pairs.csv``).
+    ``strategies``: KD row -> the teacher strategy it learned from; with two or more, a section
+    ranks them and compares them pairwise (``strategies_markdown``).
     """
     logs_dir = Path(logs_dir)
     (logs_dir / "per_question").mkdir(parents=True, exist_ok=True)
@@ -568,7 +605,9 @@ def write_outputs(logs_dir: str | Path, scored: dict[str, pd.DataFrame], *, titl
         write_text(logs_dir / "accuracy_pairs.csv", pairs.to_csv(index=False))
     md = table_markdown(table, title, notes)
     first = primary_markdown(pairs, primary, controls) if primary else ""
+    by_strategy = strategies_markdown(scored, strategies or {})
     write_text(logs_dir / "accuracy.md", md + ("\n" + first if first else "")
+               + ("\n" + by_strategy if by_strategy else "")
                + ("\n" + pairs_markdown(pairs) if not pairs.empty else ""))
     review = [
         {"experiment": row.get("experiment", name), **{k: row[k] for k in REVIEW_COLUMNS[1:-1]}, "answer": ""}

@@ -364,3 +364,29 @@ def test_primary_comparison_opens_the_report(tmp_path):
     assert "| reference-kd vs fine-tuning | 40 | +12.5 pp |" in section
     mdd = 100 * assess.min_detectable_difference(40, 20 / 40)  # 20 of 40 questions discordant
     assert f"| 50.0% | ±{mdd:.1f} pp |" in section
+
+
+def test_strategies_are_ranked_and_compared_pairwise(tmp_path):
+    """The KD rows that learn from different teacher stores, best first, each against the ones below
+    it: differences, intervals and the verdict on the leader come from the paired questions."""
+    n = 60
+    recs = [Record(f"q{i}", "?", "#### 1", 1.0) for i in range(n)]
+    right = lambda idx: pd.DataFrame([{"id": r.id, "response": f"The answer is {1 if i in idx else 2}.",  # noqa: E731
+                                       "n_tokens": 5, "finished": True, "stop": "eos"} for i, r in enumerate(recs)])
+    scored = {name: assess.score(name, recs, right(idx)) for name, idx in
+              (("no-distillation", range(5)), ("base-kd", range(10)), ("reference-kd", range(40)),
+               ("confidence-kd", range(8, 44)))}
+    strategies = {"base-kd": "base", "reference-kd": "gold-hint@reference", "confidence-kd": "confidence"}
+    assert assess.strategies_markdown(scored, {"base-kd": "base"}) == ""
+    md = assess.strategies_markdown(scored, strategies)
+    ranks = [line.split(" | ")[1] for line in md.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")
+             or line.startswith("| 3 |")]
+    assert ranks == ["reference-kd", "confidence-kd", "base-kd"]  # 40, 36 and 10 of 60
+    # reference-kd vs confidence-kd: right on 0-7 against 40-43, 4 of 60 apart either way
+    assert "| reference-kd | confidence-kd | 60 | +6.7 pp |" in md
+    assert "| reference-kd | base-kd | 60 | +50.0 pp |" in md and "| confidence-kd | base-kd | 60 | +43.3 pp |" in md
+    assert "| base-kd | reference-kd |" not in md
+    assert "but its lead is not shown: the paired interval against confidence-kd spans 0" in md
+    assessed = assess.write_outputs(tmp_path, scored, controls=["no-distillation"], strategies=strategies)
+    assert len(assessed) == 4
+    assert "## Which teacher prompting strategy helps most" in (tmp_path / "accuracy.md").read_text()
