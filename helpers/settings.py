@@ -306,10 +306,14 @@ PARAMS: dict[str, Setting] = {s.name: s for s in [
     _s("spec_target", Text(what="a model id, folder or embedded name"), "the model speculative decoding speeds up",
        read_by=("05",)),
     _s("spec_drafters", ListOf(Text(what="truncated, kd, ngram, prompt-lookup, or a model with the target's tokenizer"), 1),
-       "drafters to measure: truncated (the target's first spec_layers layers, copied), kd (that copy distilled "
+       "drafters to measure: truncated (the target's first spec_layers layers, copied, with a spec_draft_vocab "
+       "head), kd (that copy distilled "
        "from the target), ngram (Kneser-Ney on the target's training solutions), prompt-lookup, or a model name",
        read_by=("05",)),
     _s("spec_layers", _SIZE, "decoder layers of the truncated drafter", read_by=("05",)),
+    _s("spec_draft_vocab", _SIZE, "token ids in the LM head of the truncated and kd drafters: those the target "
+       "puts most probability on over its training solutions (end of sequence always); the drafter proposes "
+       "nothing else (null: the full vocabulary)", optional=True, read_by=("05",)),
     _s("spec_gammas", ListOf(_SIZE, 1), "draft lengths γ measured", read_by=("05",)),
     _s("spec_n_prompts", _SIZE, "test prompts decoded one at a time (batch 1) per drafter and γ", read_by=("05",)),
     _s("spec_max_new_tokens", _SIZE, "new tokens per prompt", read_by=("05",)),
@@ -318,6 +322,8 @@ PARAMS: dict[str, Setting] = {s.name: s for s in [
        "its own", read_by=("05",)),
     _s("spec_kd", Mapping("a mapping of training settings (see 'Training settings')"),
        "training of the kd drafter (loss: tv trains 1 − α directly)", read_by=("05",)),
+    _s("spec_kd_full", Flag(), "train every weight of the kd drafter but its input embeddings (false: LoRA "
+       "adapters from spec_kd's lora_* settings, merged after)", read_by=("05",)),
     _s("spec_on_policy_rounds", Num(int, 0), "rounds of on-policy KD after the off-policy one: the drafter writes, "
        "the target scores, the drafter learns", read_by=("05",)),
     # fusion across tokenizers (06)

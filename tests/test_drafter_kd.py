@@ -7,7 +7,7 @@ from helpers import models
 from helpers.backends import transformers_engine as hf
 from helpers.data import Record
 from helpers.kd import distill, losses, teacher
-from helpers.speculative import kd
+from helpers.speculative import ReducedHead, draft_vocabulary, kd, restrict_vocabulary
 
 RECORDS = [Record(f"r{i}", q, f"{i} + 1 = {i + 1}\n#### {i + 1}", float(i + 1)) for i, q in enumerate([
     "Tom has 3 apples and buys 4 more. How many?", "What is 10 - 5?",
@@ -70,3 +70,63 @@ def test_on_policy_store_scores_the_drafters_own_text(target, tiny_dir, tmp_path
     other = kd.on_policy_store(make_model(tok, seed=8), tiny_dir, target, RECORDS[:4], tmp_path, k=8,
                                max_new_tokens=12, batch_size=4, progress=False, **sampled)
     assert other.path != store.path
+
+
+@pytest.mark.parametrize("loss", ["tv", "jsd", "reverse_kl"])
+def test_the_reduced_head_loss_is_the_full_vocabulary_loss(tiny_dir, loss):
+    """On the head's n + 1 columns: KD alone has the value and gradients of the loss on the full
+    -inf-filled logits; mixed with cross-entropy, the CE counts the targets the head holds."""
+    tok = models.load_tokenizer(tiny_dir)
+    torch.manual_seed(0)
+    B, L, k = 2, 12, 16
+    ids = torch.randint(0, len(tok), (B, L))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "targets": ids[:, 1:],
+             "mask": torch.ones(B, L - 1), "topk_logprobs": torch.randn(B, L - 1, k).log_softmax(-1) - 0.1,
+             "topk_ids": torch.stack([torch.randperm(len(tok))[:k] for _ in range(B * (L - 1))]).view(B, L - 1, k),
+             "tail_logprobs": torch.full((B, L - 1), -2.4)}
+    cfg = {**distill.DEFAULTS, "loss": loss, "alpha": 1.0}
+    half = range(0, len(tok), 2)
+    grads = []
+    for fn in (distill.batch_loss, kd.reduced_head_loss):
+        model = restrict_vocabulary(make_model(tok, seed=3), half)
+        value = fn(model, batch, cfg)[0]
+        value.backward()
+        grads.append((value.detach(), [p.grad for p in model.parameters() if p.grad is not None]))
+    (a, ga), (b, gb) = grads
+    torch.testing.assert_close(a, b)
+    assert len(ga) == len(gb) > 2
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y)
+    with torch.no_grad():
+        mixed = kd.reduced_head_loss(model, batch, {**cfg, "alpha": 0.25})[0]
+        full = model(input_ids=ids).logits[:, :-1]
+        inside = batch["targets"] % 2 == 0
+        assert 0 < inside.sum() < inside.numel()
+        ce = losses.cross_entropy(full, torch.where(inside, batch["targets"], 0), batch["mask"] * inside)
+        torch.testing.assert_close(mixed, 0.25 * a + 0.75 * ce)
+
+
+def test_kd_trains_a_drafter_with_a_reduced_head(target, tiny_dir, tmp_path):
+    """The TV to the target falls, the merged drafter keeps its head's ids (probability 0 elsewhere),
+    and a loss that is infinite there is refused in one line."""
+    model, tok = target
+    store = teacher.build_store(tmp_path / "store", RECORDS, teacher=tiny_dir, strategy="base", k=16,
+                                max_new_tokens=16, batch_size=6, shard_size=6, loaded=target, progress=False)
+    examples = distill.build_examples(RECORDS, tok, store)
+    ids = draft_vocabulary(examples, 64, len(tok), keep=[tok.eos_token_id])
+    drafter = restrict_vocabulary(make_model(tok, seed=5), ids)
+    with pytest.raises(ValueError, match="reduced head gives the tokens outside it probability 0") as err:
+        kd.distill_drafter(drafter, tok, examples, examples, {"loss": "forward_kl"}, progress=False)
+    assert "\n" not in str(err.value)
+    start = mean_tv(drafter, tok, examples)
+    cfg = {"loss": "tv", "alpha": 1.0, "epochs": 8, "batch_size": 3, "lr": 0.01, "optimizer": "adamw",
+           "lora_r": 8, "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+    trained, history = kd.distill_drafter(drafter, tok, examples, examples, cfg, progress=False)
+    assert isinstance(trained.lm_head, ReducedHead) and torch.equal(trained.lm_head.ids, ids)
+    end = mean_tv(trained, tok, examples)
+    assert end < 0.8 * start, (start, end)
+    assert history["val_loss"][-1] < history["val_loss_before"]
+    outside = torch.ones(len(tok), dtype=torch.bool)
+    outside[ids] = False
+    with torch.no_grad():
+        assert torch.isneginf(trained(torch.tensor([examples[0].input_ids])).logits[..., outside]).all()

@@ -13,10 +13,13 @@ from helpers.backends import transformers_engine as hf
 from helpers.speculative import (
     Drafter,
     ModelDrafter,
+    ReducedHead,
     Sampling,
     acceptance_rate,
     decode,
+    draft_vocabulary,
     expected_tokens_per_call,
+    restrict_vocabulary,
     speculative_decode,
     speculative_generate,
     truncated_drafter,
@@ -26,6 +29,7 @@ from helpers.speculative import (
 PROMPTS = ["Question: what is 3 + 4?", "Natalia sold clips to 48 of her friends in April, and then",
            "Weng earns $12 an hour"]
 N_NEW = 24
+HALF = list(range(0, 300, 2))
 
 
 def llama(vocab: int, layers: int, seed: int, *, hidden: int = 32, init: float = 0.3, eos=None, pad=0):
@@ -69,12 +73,14 @@ def reference(target, tok):
 def make_drafter(kind, target, tok):
     if kind == "truncated":
         return truncated_drafter(target, 1)
+    if kind == "reduced":  # a head over every other token id
+        return truncated_drafter(target, 1, vocab_ids=HALF)
     if kind == "unrelated":
         return ModelDrafter(llama(len(tok), 2, 7, init=0.1), name="unrelated")
     return ModelDrafter(copy.deepcopy(target), name="copy of the target")
 
 
-@pytest.mark.parametrize("kind", ["truncated", "unrelated"])
+@pytest.mark.parametrize("kind", ["truncated", "unrelated", "reduced"])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("gamma", [1, 3, 5])
 def test_greedy_equals_target_generate(target, tok, reference, kind, batch, gamma):
@@ -86,6 +92,8 @@ def test_greedy_equals_target_generate(target, tok, reference, kind, batch, gamm
         assert (r["finished"], r["stop"], r["response"]) == (x["finished"], x["stop"], x["response"])
     if batch == 3:  # one row stops at eos, another runs to the cap
         assert rows[0]["finished"] and not rows[1]["finished"]
+    if kind == "reduced":  # drafts from the reduced head were accepted and rejected
+        assert 0 < stats.accepted < stats.evaluated
     assert stats.generated == sum(len(r["token_ids"]) for r in rows)
     assert stats.target_calls == len(stats.iterations) <= stats.generated
     assert sum(stats.evaluated_at) == stats.evaluated and sum(stats.accepted_at) == stats.accepted
@@ -182,6 +190,68 @@ def test_models_are_unchanged_and_the_truncated_drafter_is_a_copy(target, tok):
     assert _same(_state(target), before)
 
 
+# ---------------------------------------------------------------- a drafter with a reduced head
+def test_a_reduced_head_is_the_full_head_at_its_ids_and_minus_infinity_elsewhere(target, tok):
+    """The id map round-trips: the logit at id ids[i] is row i's, equal to the full copy's logit there,
+    every other id is -inf, so the argmax is ids[the best row]. The rows are copies, untied from the
+    embeddings (which keep every id), and stay so when transformers ties weights again."""
+    before = _state(target)
+    ids = torch.tensor([7, 2, 40, 3, 299])  # in any order
+    full, reduced = truncated_model(target, 2), truncated_model(target, 2, vocab_ids=ids)
+    x = tok(PROMPTS[:1], return_tensors="pt").input_ids
+    with torch.no_grad():
+        want, got = full(x).logits, reduced(x).logits
+    head = reduced.lm_head
+    assert isinstance(head, ReducedHead) and tuple(head.weight.shape) == (5, 32)
+    assert torch.equal(head.rows[ids], torch.arange(5)) and torch.equal(head.ids[head.rows[ids]], ids)
+    torch.testing.assert_close(got[..., ids], want[..., ids])
+    outside = torch.ones(len(tok), dtype=torch.bool)
+    outside[ids] = False
+    assert (head.rows[outside] == 5).all()
+    assert torch.isneginf(got[..., outside]).all() and torch.isfinite(got[..., ids]).all()
+    assert torch.equal(got.argmax(-1), ids[want[..., ids].argmax(-1)])
+    assert reduced.model.embed_tokens.weight.shape[0] == len(tok)
+    reduced.tie_weights()
+    assert tuple(reduced.lm_head.weight.shape) == (5, 32)
+    assert reduced.lm_head.weight.data_ptr() != reduced.model.embed_tokens.weight.data_ptr()
+    assert _same(_state(target), before)
+    with pytest.raises(ValueError, match="distinct"):
+        ReducedHead(torch.zeros(2, 32), torch.tensor([4, 4]), len(tok))
+
+
+def test_a_reduced_drafter_proposes_only_its_ids_and_its_q_is_zero_elsewhere(target, tok):
+    drafter = truncated_drafter(target, 1, vocab_ids=HALF)
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    outside = torch.ones(len(tok), dtype=torch.bool)
+    outside[HALF] = False
+    for sampling in (Sampling(), Sampling(do_sample=True, temperature=0.9, top_p=0.9,
+                                          generator=torch.Generator().manual_seed(0))):
+        drafter.reset(enc.input_ids, enc.attention_mask)
+        tokens, q = drafter.propose(4, sampling)
+        assert set(tokens.flatten().tolist()) <= set(HALF)
+        if sampling.do_sample:
+            assert (q[..., outside] == 0).all() and (q.gather(-1, tokens[..., None]) > 0).all()
+            torch.testing.assert_close(q.sum(-1), torch.ones(q.shape[:2]))
+
+
+def test_draft_vocabulary_takes_the_ids_the_target_puts_most_mass_on():
+    import numpy as np
+
+    from helpers.kd.distill import Example
+
+    def example(ids, probs):
+        return Example("x", [0] * (len(ids) + 1), 1, np.array(ids), np.log(np.array(probs, dtype=np.float32)))
+
+    # mass: id 4 1.5, id 1 0.5, ids 5 and 7 0.25 each (a tie: the lower id first), id 9 none
+    examples = [example([[4, 1], [4, 5]], [[0.5, 0.5], [0.75, 0.25]]), example([[4, 7]], [[0.25, 0.25]])]
+    assert draft_vocabulary(examples, 2, 10).tolist() == [1, 4]
+    assert draft_vocabulary(examples, 3, 10).tolist() == [1, 4, 5]
+    assert draft_vocabulary(examples, 3, 10, keep=[9]).tolist() == [1, 4, 9]
+    for size in (0, 11):
+        with pytest.raises(ValueError, match="size must be in"):
+            draft_vocabulary(examples, size, 10, keep=[9])
+
+
 def test_a_drafter_with_another_vocabulary_is_refused_in_one_line(target, tok):
     drafter = ModelDrafter(llama(len(tok) + 5, 1, 0), name="other")
     with pytest.raises(ValueError, match="vocabulary of 305 token ids but the target has 300") as err:
@@ -275,10 +345,11 @@ def _sample(t, drafter, seed=0):
     return out, stats
 
 
-@pytest.mark.parametrize("kind", ["model", "echo"])
+@pytest.mark.parametrize("kind", ["model", "reduced", "echo"])
 def test_sampling_is_lossless_and_a_wrong_residual_is_caught(tiny, monkeypatch, kind):
     t, d, joint = tiny
-    drafter = (lambda: ModelDrafter(d)) if kind == "model" else EchoDrafter
+    drafter = {"model": lambda: ModelDrafter(d), "echo": EchoDrafter,
+               "reduced": lambda: ModelDrafter(restrict_vocabulary(copy.deepcopy(d), [0, 2, 3, 5, 6]))}[kind]
     out, stats = _sample(t, drafter())
     assert 0.1 < stats.alpha()[0] < 0.9 and stats.evaluated > stats.accepted  # rejections happened
     p, impossible = chi2_pvalue(out, joint)

@@ -286,7 +286,8 @@ def kd_loss(kind: str, student_logits, target_ids, mask, topk_ids=None, topk_log
         raise ValueError(f"loss {kind!r} needs the teacher's top-k ids and log-probs")
     ce_t, kd_t = _per_position(kind, z, target_ids, topk_ids, topk_logprobs, tail_logprobs, T, beta)
     ce, kd = _masked_mean(ce_t, mask), _masked_mean(kd_t, mask)
-    loss = alpha * T * T * kd + (1 - alpha) * ce
+    # alpha = 1: KD alone (0·CE would be NaN where the student gives a target token probability 0)
+    loss = T * T * kd if alpha == 1.0 else alpha * T * T * kd + (1 - alpha) * ce
     return loss, {"ce": ce.item(), "kd": kd.item()}
 
 

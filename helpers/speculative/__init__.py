@@ -13,8 +13,18 @@ from .decode import (
                      speculative_decode,
                      speculative_generate,
 )
-from .drafters import Drafter, ModelDrafter, RowCache, Sampling, truncated_drafter, truncated_model
+from .drafters import (
+                       Drafter,
+                       ModelDrafter,
+                       ReducedHead,
+                       RowCache,
+                       Sampling,
+                       draft_vocabulary,
+                       restrict_vocabulary,
+                       truncated_drafter,
+                       truncated_model,
+)
 
-__all__ = ["Drafter", "ModelDrafter", "RowCache", "Sampling", "SpecStats", "acceptance_rate", "eos_ids",
-           "expected_tokens_per_call", "residual_distribution", "speculative_decode", "speculative_generate",
-           "truncated_drafter", "truncated_model"]
+__all__ = ["Drafter", "ModelDrafter", "ReducedHead", "RowCache", "Sampling", "SpecStats", "acceptance_rate",
+           "draft_vocabulary", "eos_ids", "expected_tokens_per_call", "residual_distribution", "restrict_vocabulary",
+           "speculative_decode", "speculative_generate", "truncated_drafter", "truncated_model"]

@@ -24,11 +24,16 @@ the processed distribution, used identically for the target's p and a drafter's 
 nothing is cropped per row; a rolled-back slot is masked out of the attention mask and the next
 tokens get explicit position ids (the row's count of valid slots before them), and only the tail
 that every row discarded is cropped. ``ModelDrafter`` runs any causal LM with the target's
-tokenizer on a ``RowCache``; ``truncated_drafter`` builds one from the target's first layers.
+tokenizer on a ``RowCache``; ``truncated_drafter`` builds one from the target's first layers,
+optionally with a ``ReducedHead``: an LM head over the token ids the target actually uses
+(``draft_vocabulary``; at full size the head is most of a shallow copy's cost). Its logits are
+-inf outside those ids, so the drafter never proposes them and its q is exactly 0 there, which
+keeps speculative sampling exact and leaves greedy output the target's own.
 """
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -234,10 +239,76 @@ def _decoder_layers(model) -> torch.nn.ModuleList:
     return layers
 
 
-def truncated_model(target, n_layers: int):
+class ReducedHead(torch.nn.Module):
+    """An LM head over a subset of the vocabulary: ``weight`` [n, H] (and ``bias`` [n]) are the rows
+    of a full head for the token ids ``ids`` [n]. ``reduced_logits`` gives the n rows' logits and one
+    -inf column standing for every other id; ``rows`` [vocab_size] maps a token id to its column
+    (n when outside the head), so the full-vocabulary logits (``forward``) are -inf outside ``ids``:
+    a softmax of them (any temperature or top-p) is exactly 0 there, their argmax is one of ``ids``,
+    and the losses of ``helpers.kd`` see a distribution with no mass there."""
+
+    def __init__(self, weight: torch.Tensor, ids: torch.Tensor, vocab_size: int, bias: torch.Tensor | None = None):
+        super().__init__()
+        ids = torch.as_tensor(ids, dtype=torch.long, device=weight.device)
+        if ids.ndim != 1 or len(ids) != weight.shape[0] or len(ids.unique()) != len(ids):
+            raise ValueError(f"ReducedHead: ids must be {weight.shape[0]} distinct token ids, one per weight row")
+        if len(ids) and not 0 <= int(ids.min()) <= int(ids.max()) < vocab_size:
+            raise ValueError(f"ReducedHead: token ids must be in 0..{vocab_size - 1}")
+        self.weight = torch.nn.Parameter(weight)
+        self.bias = None if bias is None else torch.nn.Parameter(bias)
+        rows = torch.full((vocab_size,), len(ids), dtype=torch.long, device=weight.device)
+        rows[ids] = torch.arange(len(ids), device=weight.device)
+        self.register_buffer("ids", ids)
+        self.register_buffer("rows", rows, persistent=False)
+
+    def reduced_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., n + 1]: the logits of ``ids``, then -inf for any other token id."""
+        sub = torch.nn.functional.linear(hidden, self.weight, self.bias)
+        return torch.cat([sub, sub.new_full((*sub.shape[:-1], 1), float("-inf"))], -1)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.reduced_logits(hidden).index_select(-1, self.rows)
+
+
+def draft_vocabulary(examples, size: int, vocab_size: int, keep=()) -> torch.LongTensor:
+    """The ``size`` token ids (sorted) the target puts most probability on over its own solutions:
+    per id, its probability summed over every stored position of ``examples`` (``kd.distill.Example``
+    with the target's top-k log-probs; ties go to the lower id), the ids in ``keep`` (e.g. end of
+    sequence) first."""
+    keep = sorted({int(t) for t in keep})
+    if not len(keep) <= size <= vocab_size:
+        raise ValueError(f"draft_vocabulary: size must be in {len(keep)}..{vocab_size} (the kept ids .. the "
+                         f"vocabulary), got {size}")
+    mass = torch.zeros(vocab_size, dtype=torch.float64)
+    for e in examples:
+        if e.topk_ids is None:
+            raise ValueError(f"draft_vocabulary: example {e.id} has no top-k distributions of the target")
+        mass.index_add_(0, torch.as_tensor(e.topk_ids, dtype=torch.long).flatten(),
+                        torch.as_tensor(e.topk_logprobs, dtype=torch.float64).exp().flatten())
+    mass[keep] = math.inf
+    # a stable sort by falling mass keeps equal masses in id order
+    return mass.neg().sort(stable=True).indices[:size].sort().values
+
+
+def restrict_vocabulary(model, ids):
+    """Give ``model`` (changed in place and returned) a ``ReducedHead`` over the token ids ``ids``: copies
+    of its LM head's rows for them, no longer tied to the input embeddings (which keep every id)."""
+    head = model.get_output_embeddings()
+    ids = torch.as_tensor(ids, dtype=torch.long, device=head.weight.device)
+    bias = None if getattr(head, "bias", None) is None else head.bias.detach()[ids].clone()
+    model.config.tie_word_embeddings = False
+    if hasattr(model, "all_tied_weights_keys"):  # transformers 5 keeps the tying it read from the config
+        model.all_tied_weights_keys = {}
+    model.set_output_embeddings(ReducedHead(head.weight.detach()[ids].clone(), ids,
+                                            model.config.get_text_config().vocab_size, bias))
+    return model
+
+
+def truncated_model(target, n_layers: int, vocab_ids=None):
     """A NEW model of the target's class: deep copies of its embeddings, first ``n_layers`` decoder
     layers, final norm and LM head (``config.num_hidden_layers = n_layers``), tied weights tied as in
-    the target. The target's own modules are never used, and the target is not changed."""
+    the target; with ``vocab_ids``, the head is a ``ReducedHead`` over those token ids. The target's
+    own modules are never used, and the target is not changed."""
     total = target.config.get_text_config().num_hidden_layers
     if not 1 <= n_layers <= total:
         raise ValueError(f"truncated_drafter: n_layers must be in 1..{total} (the target's layers), got {n_layers}")
@@ -275,11 +346,15 @@ def truncated_model(target, n_layers: int):
             else:
                 module._buffers[attr] = copies[id(src)]
     draft.generation_config = copy.deepcopy(target.generation_config)
+    if vocab_ids is not None:
+        restrict_vocabulary(draft, vocab_ids)
     return draft.eval()
 
 
-def truncated_drafter(target, n_layers: int, tokenizer=None) -> ModelDrafter:
-    """A ``ModelDrafter`` over ``truncated_model(target, n_layers)`` (LayerSkip-style early exit)."""
+def truncated_drafter(target, n_layers: int, tokenizer=None, vocab_ids=None) -> ModelDrafter:
+    """A ``ModelDrafter`` over ``truncated_model(target, n_layers, vocab_ids)`` (LayerSkip-style early
+    exit; with ``vocab_ids``, over a reduced head)."""
     base = getattr(target.config, "name_or_path", "") or type(target).__name__
-    return ModelDrafter(truncated_model(target, n_layers), name=f"{base} first {n_layers} layers",
+    head = "" if vocab_ids is None else f", {len(vocab_ids)}-token head"
+    return ModelDrafter(truncated_model(target, n_layers, vocab_ids), name=f"{base} first {n_layers} layers{head}",
                         tokenizer=tokenizer)
