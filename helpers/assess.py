@@ -417,6 +417,11 @@ def min_detectable_difference(n: int, discordant: float, *, alpha: float = 0.05,
     return hi
 
 
+def _excludes_zero(pair) -> bool:
+    """Whether a paired comparison's 95 % interval (``CI low``, ``CI high``) leaves out 0."""
+    return pair["CI low"] > 0 or pair["CI high"] < 0
+
+
 def primary_markdown(pairs: pd.DataFrame, primary: str, controls=("no-distillation", "fine-tuning")) -> str:
     """The pre-registered comparisons of ``primary`` against each control, first in the report: the
     paired difference with its 95 % interval and McNemar p, and the smallest difference the test
@@ -434,7 +439,7 @@ def primary_markdown(pairs: pd.DataFrame, primary: str, controls=("no-distillati
     for _, r in rows.iterrows():
         psi = (r["This better"] + r["Control better"]) / max(1, r["n"])
         mdd = min_detectable_difference(int(r["n"]), psi)
-        apart = r["CI low"] > 0 or r["CI high"] < 0
+        apart = _excludes_zero(r)
         verdict = (("better" if r["Difference"] > 0 else "worse") + " (interval excludes 0)") if apart else \
             "no difference shown (interval spans 0)"
         lines.append(f"| {primary} vs {r['Control']} | {r['n']} | {100 * r['Difference']:+.1f} pp | "
@@ -460,21 +465,20 @@ def strategies_markdown(scored: dict[str, pd.DataFrame], strategies: dict[str, s
              "| rank | row | teacher strategy | accuracy |", "|---|---|---|---|"]
     lines += [f"| {i + 1} | {r} | {strategies[r]} | {100 * acc[r]:.1f}% |" for i, r in enumerate(ranked)]
     lines += ["", "| row | vs | n | difference | 95% CI | McNemar p | |", "|---|---|---|---|---|---|---|"]
-    above = {r: ranked[:i] for i, r in enumerate(ranked)}
-    lead = []
+    rank = {r: i for i, r in enumerate(ranked)}
+    best, unshown = ranked[0], []  # the rows the leader is not shown to beat
     for _, p in pairs.iterrows():
-        if p["Experiment"] not in above[p["Control"]]:
+        if rank[p["Experiment"]] > rank[p["Control"]]:  # each pair once: the higher-ranked row first
             continue
-        apart = p["CI low"] > 0 or p["CI high"] < 0
+        apart = _excludes_zero(p)
         lines.append(f"| {p['Experiment']} | {p['Control']} | {p['n']} | {100 * p['Difference']:+.1f} pp | "
                      f"{100 * p['CI low']:+.1f} to {100 * p['CI high']:+.1f} | {p['McNemar p']:.3g} | "
                      + ("interval excludes 0" if apart else "interval spans 0") + " |")
-        if p["Experiment"] == ranked[0]:
-            lead.append(apart)
-    best = ranked[0]
+        if p["Experiment"] == best and not apart:
+            unshown.append(p["Control"])
     verdict = (f"**{best}** ({strategies[best]}) is ahead of every other strategy with the paired interval excluding 0."
-               if all(lead) else f"**{best}** ({strategies[best]}) ranks first, but its lead is not shown: the paired "
-               "interval against " + ", ".join(p for p, a in zip(ranked[1:], lead) if not a) + " spans 0.")
+               if not unshown else f"**{best}** ({strategies[best]}) ranks first, but its lead is not shown: the paired "
+               "interval against " + ", ".join(unshown) + " spans 0.")
     return "\n".join(lines + ["", verdict]) + "\n"
 
 
