@@ -527,6 +527,23 @@ def resolve(name_or_path: str) -> str:
     return str(name_or_path)
 
 
+def generation_eos(name_or_path: str) -> list[int]:
+    """The end-of-sequence ids of a model's generation config (its ``generation_config.json``, else
+    the ones its ``config.json`` names), read without loading weights; [] where the model has neither
+    or cannot be reached (a GGUF file, a hub id not in the local cache while offline)."""
+    from transformers import AutoConfig, GenerationConfig
+
+    where = resolve(name_or_path)
+    try:
+        eos = GenerationConfig.from_pretrained(where).eos_token_id
+    except (OSError, ValueError):
+        try:
+            eos = GenerationConfig.from_model_config(AutoConfig.from_pretrained(where)).eos_token_id
+        except (OSError, ValueError):
+            return []
+    return [eos] if isinstance(eos, int) else [int(i) for i in eos or []]
+
+
 def _load_error(name: str, err: Exception) -> ValueError:
     hint = ("it is not a local directory" if not Path(name).exists() else "the directory holds no loadable model")
     offline = " (HF_HUB_OFFLINE is set, so the hub is not asked)" if os.environ.get("HF_HUB_OFFLINE") else ""

@@ -9,6 +9,7 @@ it on a tiny model; ``llama_cpp`` on the embedded SmolLM2 GGUF (skipped, with th
 ``llama-cpp-python`` is not installed); ``vllm`` and ``exllamav2`` are marked ``gpu`` and skipped
 without CUDA."""
 import importlib.util
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -291,3 +292,148 @@ def test_llama_cpp_reads_a_gguf_path_with_the_tokenizer_inside_it():
         assert engine.tokenizer.padding_side == "left" and engine.tokenizer.pad_token_id is not None
     finally:
         engine.close()
+
+
+def _vllm_like(logits: torch.Tensor, n: int) -> list[dict[int, float]]:
+    """What vLLM returns per position for ``logprobs=n``: the top-n of an fp32 log-softmax."""
+    logp = torch.log_softmax(logits.float(), -1)
+    top = logp.topk(n, -1)
+    return [dict(zip(i.tolist(), v.tolist())) for i, v in zip(top.indices, top.values)]
+
+
+def test_vllm_tails_stay_finite_and_right_on_a_confident_teacher():
+    """The tail from fp32 log-probs: log(1 − Σ top-k) is -inf where the top token reads log-prob 0,
+    and noise where the mass outside is tiny; the engine's tail is finite everywhere, exact where
+    the mass is resolved, a lower bound where it is not, and a student equal to its teacher is at
+    divergence ~0 in every direction (reverse KL was inf)."""
+    from helpers.backends.vllm_engine import MASS_RESOLUTION, capture_from_logprobs
+    from helpers.kd import losses
+
+    torch.manual_seed(0)
+    V, k = 4000, 8
+    logits = torch.randn(24, V) * 2
+    logits[torch.arange(24), torch.arange(24)] += torch.linspace(2, 40, 24)  # from unsure to very sure
+    maps = _vllm_like(logits, 2 * k)
+    exact = torch.log_softmax(logits.double(), -1)
+    ids = exact.topk(k, -1).indices
+    exact_tail = torch.logsumexp(exact.scatter(-1, ids, float("-inf")), -1).numpy()
+    naive = np.array([math.log1p(-min(1.0, math.fsum(math.exp(v) for v in sorted(m.values())[::-1][:k])))
+                      if math.fsum(math.exp(v) for v in sorted(m.values())[::-1][:k]) < 1 else -np.inf for m in maps])
+    assert np.isneginf(naive).sum() >= 3  # the defect this guards against is present in the data
+    got = capture_from_logprobs(maps, ids[:, 0].tolist(), k, V)
+    tail = got["tail_logprobs"].astype(np.float64)
+    assert np.isfinite(tail).all()
+    resolved = exact_tail > math.log(16 * MASS_RESOLUTION)
+    assert resolved.sum() >= 5 and (~resolved).sum() >= 5
+    np.testing.assert_allclose(tail[resolved], exact_tail[resolved], atol=0.02)
+    assert (tail[~resolved] <= exact_tail[~resolved] + 0.02).all()  # never above the truth beyond rounding
+    below = torch.log_softmax(logits.float(), -1).topk(2 * k, -1).values[:, k:].double().logsumexp(-1).numpy()
+    assert (tail >= below - 1e-4).all()  # at least the mass of the returned ranks below k
+    # the old way: a student equal to its teacher was infinitely far in reverse KL
+    mask = torch.ones(1, 24)
+    kw = dict(topk_ids=torch.from_numpy(got["topk_ids"])[None].long(),
+              topk_logprobs=torch.from_numpy(got["topk_logprobs"].astype(np.float32))[None], mask=mask)
+    for loss in (losses.forward_kl, losses.reverse_kl, losses.jsd, losses.total_variation):
+        value = loss(logits[None], tail_logprobs=torch.from_numpy(got["tail_logprobs"])[None], **kw)
+        assert torch.isfinite(value) and value < 2e-3, loss.__name__
+    naive_rkl = losses.reverse_kl(logits[None], tail_logprobs=torch.from_numpy(naive).float()[None], **kw)
+    assert torch.isinf(naive_rkl)
+
+
+def test_a_vllm_tail_with_nothing_returned_below_the_top_k_is_bounded():
+    from helpers.backends.vllm_engine import MASS_RESOLUTION, capture_from_logprobs
+
+    got = capture_from_logprobs([{1: 0.0, 2: -30.0}, {1: 0.0, 2: -8.0}], [1, 1], 2, vocab_size=10)["tail_logprobs"]
+    assert got[0] == np.float32(math.log(8) - 30.0)  # 8 ids outside, none likelier than the 2nd
+    assert got[1] == np.float32(math.log(MASS_RESOLUTION))
+
+
+def test_every_engine_stops_at_the_generation_configs_end_of_sequence_ids(tmp_path):
+    """Llama 3.1 ends a turn with <|eot_id|> though its tokenizer's eos is <|end_of_text|>: the stop
+    ids come from the generation config, for every engine, not from the tokenizer alone."""
+    from transformers import GenerationConfig
+
+    from conftest import make_model, make_tokenizer
+    from helpers.backends.vllm_engine import VllmEngine
+
+    tok = make_tokenizer()
+    model = make_model(tok)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    turn_end = tok.convert_tokens_to_ids("<|im_start|>")  # stands in for <|eot_id|>
+    GenerationConfig(eos_token_id=[turn_end, tok.eos_token_id]).save_pretrained(tmp_path)
+    assert models.generation_eos(str(tmp_path)) == [turn_end, tok.eos_token_id]
+    assert models.generation_eos(str(tmp_path / "absent")) == []
+    loaded, _ = models.load_model(str(tmp_path), dtype="fp32")
+    reference = capture.eos_ids(loaded, tok)
+    assert reference == [turn_end, tok.eos_token_id]
+    engine = VllmEngine.open(str(tmp_path), url="http://127.0.0.1:9/v1")  # a server engine opens without one
+    assert engine.eos == reference
+    assert capture.eos_ids(tokenizer=tok, extra=[turn_end]) == [turn_end, tok.eos_token_id]
+
+
+@needs_llama_cpp
+def test_llama_cpp_stops_where_transformers_does_on_the_embedded_model():
+    engine = backends.open_backend("llama_cpp", "smollm2-135m-instruct", options={"n_ctx": 256})
+    try:
+        model, tok = models.load_model("smollm2-135m-instruct", dtype="fp32")
+        assert engine.eos == capture.eos_ids(model, tok)
+    finally:
+        engine.close()
+
+
+def test_vllm_needs_cuda_before_it_reads_anything(tmp_path):
+    if HAS_CUDA:
+        pytest.skip("checks the message of a machine without a GPU")
+    with pytest.raises(RuntimeError, match="'vllm' needs a CUDA GPU"):  # not: could not load the tokenizer
+        backends.open_backend("vllm", str(tmp_path / "no-such-teacher"))
+
+
+def test_vllm_scores_a_batch_in_one_request(loaded, monkeypatch):
+    """Scoring through a server: one completions request for the whole batch (it was one per
+    text), each choice read back in order; the capture equals the transformers engine's."""
+    from helpers.backends.vllm_engine import VllmEngine
+
+    model, tok = loaded
+    engine = VllmEngine(tok, url="http://server/v1", model_name="tiny", eos=capture.eos_ids(model, tok))
+    prompts, texts = _problems(tok, 3)
+    requests = []
+
+    def post(body):
+        requests.append(body)
+        out = []
+        for index, seq in enumerate(body["prompt"]):
+            with torch.no_grad():
+                logits = model(torch.tensor([seq])).logits[0]
+            maps = [{}] + _vllm_like(logits[:-1], body["logprobs"])  # the first echoed token has none
+            logp = torch.log_softmax(logits.float(), -1)
+            token_lp = [None] + [float(logp[j, seq[j + 1]]) for j in range(len(seq) - 1)]
+            out.append({"index": index, "logprobs": {
+                "tokens": [f"token_id:{t}" for t in seq], "token_logprobs": token_lp,
+                "top_logprobs": [{f"token_id:{i}": v for i, v in m.items()} for m in maps]}})
+        return out
+
+    monkeypatch.setattr(engine, "_post", post)
+    got = engine.score(prompts, texts, k=4)
+    assert len(requests) == 1 and len(requests[0]["prompt"]) == 3 and requests[0]["logprobs"] == 4 + 64
+    want = TransformersEngine(model, tok).score(prompts, texts, k=4)
+    for a, b in zip(got, want):
+        assert a["token_ids"] == b["token_ids"]
+        assert np.array_equal(a["topk_ids"], b["topk_ids"])
+        np.testing.assert_allclose(a["token_logprobs"], b["token_logprobs"], atol=1e-5)
+        np.testing.assert_allclose(a["tail_logprobs"], b["tail_logprobs"], atol=1e-3)
+
+
+def test_in_process_vllm_beside_training_needs_a_share_that_fits():
+    """vLLM claims 0.9 of the GPU unless told and refuses to start with less free: next to a student
+    in training its share must be given and fit in what is free, or a server used."""
+    from helpers.backends.vllm_engine import check_share_beside_training
+
+    gib = 2 ** 30
+    with pytest.raises(ValueError, match=r"needs teacher_backend_options.gpu_memory_utilization .*60.0 of 80.0 GiB "
+                                         r"are free.*gpu_memory_utilization: 0.38"):
+        check_share_beside_training({}, 60 * gib, 80 * gib)
+    with pytest.raises(ValueError, match="gpu_memory_utilization 0.9 asks for 72.0 GiB, more than is free"):
+        check_share_beside_training({"gpu_memory_utilization": 0.9}, 60 * gib, 80 * gib)
+    check_share_beside_training({"gpu_memory_utilization": 0.3}, 60 * gib, 80 * gib)
+    check_share_beside_training({"url": "http://teacher:8000/v1"}, 1 * gib, 80 * gib)  # a server needs none here

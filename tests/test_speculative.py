@@ -377,3 +377,24 @@ def test_sampling_probs_temperature_top_p_and_greedy():
     assert Sampling().probs(logits).tolist() == [1.0, 0.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="top_p"):
         Sampling(do_sample=True, top_p=0.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (not present on this machine)")
+@pytest.mark.parametrize("kind", ["truncated", "reduced", "copy", "ngram", "prompt-lookup"])
+def test_every_drafter_samples_on_the_targets_device(target, tok, kind):
+    """On a GPU the run's generator lives on the target's device: every drafter draws there (the
+    n-gram drafter drew on the CPU with it, which fails)."""
+    from helpers.speculative.ngram import NgramDrafter, NgramModel, PromptLookupDrafter
+
+    gpu_target = copy.deepcopy(target).cuda()
+    if kind == "ngram":
+        corpus = [tok(p).input_ids for p in PROMPTS]
+        drafter = NgramDrafter(NgramModel(vocab_size=len(tok), order=3).fit(corpus))
+    elif kind == "prompt-lookup":
+        drafter = PromptLookupDrafter()
+    else:
+        drafter = make_drafter(kind, gpu_target, tok)
+    rows, stats = speculative_generate(gpu_target, drafter, tok, PROMPTS, gamma=3, max_new_tokens=12, do_sample=True,
+                                       seed=0)
+    assert stats.generated == sum(len(r["token_ids"]) for r in rows) > 0

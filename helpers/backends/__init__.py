@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from ..settings import BACKENDS  # noqa: F401  (declared once, with the other settings)
 from .capture import eos_ids, tail_logprob, topk_capture  # noqa: F401  (the shared ground of every engine)
+from .needs import missing_package, need_cuda  # noqa: F401
 
 
 def open_backend(name: str, teacher: str, *, dtype: str = "auto", device: str = "auto", options: dict | None = None):
@@ -43,18 +44,3 @@ def open_backend(name: str, teacher: str, *, dtype: str = "auto", device: str = 
     else:
         raise ValueError(f"unknown teacher_backend {name!r}; choose one of {', '.join(BACKENDS)}")
     return engine.open(teacher, dtype=dtype, device=device, **options)
-
-
-def need_cuda(backend: str, extra: str) -> None:
-    """One clear line instead of a compile error deep inside a CUDA-only package."""
-    import torch
-
-    if not torch.cuda.is_available():
-        raise RuntimeError(f"teacher_backend {backend!r} needs a CUDA GPU, and this machine has none "
-                           f"(torch.cuda.is_available() is False); use 'transformers' or 'llama_cpp' here, "
-                           f"or run on a GPU machine after `pip install -e .[{extra}]`")
-
-
-def missing_package(backend: str, package: str, extra: str, err: ImportError) -> RuntimeError:
-    return RuntimeError(f"teacher_backend {backend!r} needs the package {package!r}, which is not installed "
-                        f"({err}); install it with `pip install -e .[{extra}]`")

@@ -39,12 +39,16 @@ def topk_capture(logits: torch.Tensor, k: int, taken: torch.Tensor | None = None
     return out
 
 
-def eos_ids(model=None, tokenizer=None) -> list[int]:
-    """End-of-sequence ids: the model's generation config's (when given), plus the tokenizer's (when given)."""
+def eos_ids(model=None, tokenizer=None, extra=()) -> list[int]:
+    """End-of-sequence ids, the one rule of every engine: the generation config's (of ``model`` when
+    given; engines without a ``transformers`` model pass ``models.generation_eos(teacher)`` as
+    ``extra``), then the tokenizer's (when given). Llama 3.1 stops at three: ``<|eot_id|>``,
+    ``<|eom_id|>`` and ``<|end_of_text|>``; its tokenizer names one."""
     eos = None if model is None else model.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [])
-    if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
-        eos.append(tokenizer.eos_token_id)
+    for i in [*extra, *([] if tokenizer is None or tokenizer.eos_token_id is None else [tokenizer.eos_token_id])]:
+        if i not in eos:
+            eos.append(int(i))
     return eos
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from . import missing_package, need_cuda
+from .needs import missing_package, need_cuda
 from .capture import decode_row, eos_ids, scored_row, topk_capture
 
 
@@ -26,9 +26,9 @@ class ExLlamaV2Engine:
 
     name = "exllamav2"
 
-    def __init__(self, model, cache, tokenizer):
+    def __init__(self, model, cache, tokenizer, eos: list[int] | None = None):
         self.model, self.cache, self.tokenizer = model, cache, tokenizer
-        self.eos = eos_ids(tokenizer=tokenizer)
+        self.eos = list(eos) if eos is not None else eos_ids(tokenizer=tokenizer)
 
     @classmethod
     def open(cls, teacher: str, *, dtype: str = "auto", device: str = "auto", gpu_split: list[float] | None = None,
@@ -38,7 +38,7 @@ class ExLlamaV2Engine:
             import exllamav2
         except ImportError as e:
             raise missing_package("exllamav2", "exllamav2", "exl2", e) from None
-        from ..models import load_tokenizer
+        from ..models import generation_eos, load_tokenizer
 
         caches = {16: exllamav2.ExLlamaV2Cache, 8: exllamav2.ExLlamaV2Cache_8bit, 4: exllamav2.ExLlamaV2Cache_Q4}
         if cache_bits not in caches:
@@ -52,7 +52,8 @@ class ExLlamaV2Engine:
         else:
             model.load(gpu_split=list(gpu_split), progress=True)
             cache = caches[cache_bits](model, max_seq_len=max_seq_len)
-        return cls(model, cache, load_tokenizer(tokenizer or teacher))
+        tok = load_tokenizer(tokenizer or teacher)
+        return cls(model, cache, tok, eos_ids(tokenizer=tok, extra=generation_eos(teacher)))
 
     def _forward(self, ids: list[int], *, last_only: bool) -> torch.Tensor:
         out = self.model.forward(torch.tensor([ids], dtype=torch.long), self.cache, last_id_only=last_only)

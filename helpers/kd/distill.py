@@ -18,10 +18,8 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .. import __version__
@@ -31,6 +29,7 @@ from ..data import plain_solution
 from ..models import adapter_damage, add_special_tokens, prompt_text, tokenizer_fingerprint
 from ..prompts import student_messages
 from ..settings import TRAINING_DEFAULTS, check_training, check_variant
+from .batches import Example, collate  # noqa: F401  (part of this module's interface)
 from .losses import KINDS, chunked_kd_loss, kd_loss
 
 DEFAULTS = dict(TRAINING_DEFAULTS)  # declared (type, range, meaning) in helpers.settings
@@ -38,17 +37,6 @@ DEFAULTS = dict(TRAINING_DEFAULTS)  # declared (type, range, meaning) in helpers
 
 class TrainingDiverged(RuntimeError):
     """The loss or a gradient stopped being finite; nothing was saved."""
-
-
-@dataclass
-class Example:
-    id: str
-    input_ids: list[int]
-    n_prompt: int
-    topk_ids: np.ndarray | None = None
-    topk_logprobs: np.ndarray | None = None
-    tail_logprobs: np.ndarray | None = None  # the teacher's log-mass outside its top-k, per target token
-    teacher_prompt: list[int] | None = None  # the teacher's prompt tokens (on-policy KD scores samples after it)
 
 
 def build_examples(records, tokenizer, store=None, *, max_length: int = 512, unfinished: str = "keep",
@@ -102,39 +90,6 @@ def _teacher_prompt(tokenizer, store, record) -> list[int]:
     messages = teacher_messages(settings["strategy"], record.question, plain_solution(record.solution),
                                 {settings["strategy"]: settings["template"]})
     return prompt_ids(tokenizer, [prompt_text(tokenizer, messages)])[0]
-
-
-def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch. ``targets``/``mask``/``topk_*``/``tail_logprobs`` are already shifted:
-    position j holds what the logits at position j must predict (token j + 1). Where the mask is
-    0 the teacher arrays hold finite filler (ids 0, log-probs -30, tail 0.0)."""
-    width = max(len(e.input_ids) for e in batch)
-    B = len(batch)
-    input_ids = torch.full((B, width), pad_id, dtype=torch.long)
-    attention = torch.zeros((B, width), dtype=torch.long)
-    mask = torch.zeros((B, width - 1))
-    k = next((e.topk_ids.shape[1] for e in batch if e.topk_ids is not None), 0)
-    topk_ids = torch.zeros((B, width - 1, k), dtype=torch.long)
-    topk_lps = torch.full((B, width - 1, k), -30.0)  # finite filler where nothing counts
-    tails = torch.zeros((B, width - 1))
-    has_tail = bool(k) and all(e.tail_logprobs is not None for e in batch if e.topk_ids is not None)
-    for b, e in enumerate(batch):
-        n = len(e.input_ids)
-        input_ids[b, :n] = torch.tensor(e.input_ids)
-        attention[b, :n] = 1
-        mask[b, e.n_prompt - 1:n - 1] = 1
-        if k:
-            m = n - e.n_prompt
-            topk_ids[b, e.n_prompt - 1:n - 1] = torch.from_numpy(np.asarray(e.topk_ids[:m], np.int64))
-            topk_lps[b, e.n_prompt - 1:n - 1] = torch.from_numpy(np.asarray(e.topk_logprobs[:m], np.float32))
-            if has_tail:
-                tails[b, e.n_prompt - 1:n - 1] = torch.from_numpy(np.asarray(e.tail_logprobs[:m], np.float32))
-    out = {"input_ids": input_ids, "attention_mask": attention, "targets": input_ids[:, 1:].clone(), "mask": mask}
-    if k:
-        out.update(topk_ids=topk_ids, topk_logprobs=topk_lps)
-    if has_tail:
-        out["tail_logprobs"] = tails
-    return out
 
 
 def batch_loss(model, batch: dict, cfg: dict) -> tuple[torch.Tensor, dict, torch.Tensor]:
@@ -422,6 +377,10 @@ def run_variant(variant: str, variant_spec: dict, *, student: str, results_dir: 
         from ..backends import open_backend
         from .on_policy import OnPolicy
 
+        if teacher_backend == "vllm" and model.device.type == "cuda":  # vLLM beside the student on the GPU
+            from ..backends.vllm_engine import check_share_beside_training
+
+            check_share_beside_training(teacher_backend_options, *torch.cuda.mem_get_info(model.device))
         engine = open_backend(teacher_backend, teacher, dtype=dtype, device=str(state.device) if device == "auto"
                               else device, options=teacher_backend_options)
         hook = OnPolicy(engine, tok, cfg["on_policy"], k=stores["train"].manifest["settings"]["k"],

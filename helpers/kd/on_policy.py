@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from .batches import Example, collate
+
 
 class OnPolicy:
     """``prepare_batch(model, batch) -> batch`` for ``distill.train``; ``engine`` scores (same tokenizer
@@ -44,7 +46,6 @@ class OnPolicy:
         """The batch of ``examples`` with the student's own sampled completions and the teacher's
         top-k on them, on ``device``."""
         from ..backends.transformers_engine import generate_with_capture
-        from .distill import Example, collate
 
         missing = [e.id for e in examples if e.teacher_prompt is None]
         if missing:

@@ -125,12 +125,15 @@ class NgramDrafter(_SequenceDrafter):
         self.rows: list[list[int]] = []
 
     def propose(self, gamma: int, sampling: Sampling):
-        tokens = torch.zeros(len(self.rows), gamma, dtype=torch.long)
-        qs = torch.zeros(len(self.rows), gamma, self.vocab_size) if sampling.do_sample else None
+        # drawn where the run's generator lives (the target's device): a CUDA generator cannot draw
+        # for a CPU tensor
+        dev = sampling.generator.device if sampling.generator is not None else torch.device("cpu")
+        tokens = torch.zeros(len(self.rows), gamma, dtype=torch.long, device=dev)
+        qs = torch.zeros(len(self.rows), gamma, self.vocab_size, device=dev) if sampling.do_sample else None
         for b, row in enumerate(self.rows):
             context = row[max(0, len(row) - self.model.order + 1):] if self.model.order > 1 else []
             for i in range(gamma):
-                token, q = sampling.choose(self.model.distribution(context).log().float()[None])
+                token, q = sampling.choose(self.model.distribution(context).log().float()[None].to(dev))
                 tokens[b, i] = token[0]
                 if qs is not None:
                     qs[b, i] = q[0]
