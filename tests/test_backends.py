@@ -9,8 +9,11 @@ it on a tiny model; ``llama_cpp`` on the embedded SmolLM2 GGUF (skipped, with th
 ``llama-cpp-python`` is not installed); ``vllm`` and ``exllamav2`` are marked ``gpu`` and skipped
 without CUDA."""
 import importlib.util
+import json
 import math
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -437,3 +440,125 @@ def test_in_process_vllm_beside_training_needs_a_share_that_fits():
         check_share_beside_training({"gpu_memory_utilization": 0.9}, 60 * gib, 80 * gib)
     check_share_beside_training({"gpu_memory_utilization": 0.3}, 60 * gib, 80 * gib)
     check_share_beside_training({"url": "http://teacher:8000/v1"}, 1 * gib, 80 * gib)  # a server needs none here
+
+
+# ---------------------------------------------------------------- vLLM's interface, as recorded from its source
+VLLM_API = json.loads((Path(__file__).parent / "data" / "vllm_0.33.0_api.json").read_text())
+
+
+def _stand_in_vllm(model):
+    """A ``vllm`` package that accepts exactly the names vLLM 0.33.0 declares (constructor and call
+    keywords, prompt keys) and answers with the recorded output fields, computed by ``model``: a
+    renamed argument or field fails here as it would on a GPU."""
+    import types
+
+    def checked(what, given, allowed):
+        unknown = set(given) - set(allowed)
+        if unknown:
+            raise TypeError(f"{what} got unexpected keyword(s) {sorted(unknown)} (vLLM {VLLM_API['version']})")
+
+    def record(kind, **fields):
+        checked(kind, fields, VLLM_API[kind])
+        return types.SimpleNamespace(**fields)
+
+    class SamplingParams:
+        def __init__(self, **kw):
+            checked("SamplingParams", kw, VLLM_API["SamplingParams"])
+            self.__dict__.update({"max_tokens": 16, "temperature": 1.0, "logprobs": None, "prompt_logprobs": None,
+                                  "stop_token_ids": None, **kw})
+
+    def TokensPrompt(**kw):  # a TypedDict: a dict with declared keys
+        checked("TokensPrompt", kw, VLLM_API["TokensPrompt"])
+        return dict(kw)
+
+    def top(logits, n, chosen):
+        logp = torch.log_softmax(logits.float(), -1)
+        values, ids = logp.topk(n)
+        out = {int(i): record("Logprob", logprob=float(v), rank=r + 1) for r, (i, v) in enumerate(zip(ids, values))}
+        out.setdefault(int(chosen), record("Logprob", logprob=float(logp[chosen])))
+        return out
+
+    class LLM:
+        def __init__(self, **kw):
+            checked("LLM", kw, VLLM_API["LLM.__init__"] + VLLM_API["EngineArgs"])
+
+        def generate(self, prompts, sampling_params=None, **kw):
+            checked("LLM.generate", kw, VLLM_API["LLM.generate"])
+            params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+            outs = []
+            for prompt, sp in zip(prompts, params):
+                assert sp.temperature == 0.0 or sp.prompt_logprobs is not None  # the engine decodes greedily here
+                ids = list(prompt["prompt_token_ids"])
+                with torch.no_grad():
+                    logits = model(torch.tensor([ids])).logits[0]
+                prompt_lps = None
+                if sp.prompt_logprobs is not None:
+                    prompt_lps = [None] + [top(logits[j - 1], sp.prompt_logprobs, ids[j]) for j in range(1, len(ids))]
+                new, lps = [], []
+                for _ in range(sp.max_tokens):
+                    token = int(logits[-1].argmax())
+                    new.append(token)
+                    lps.append(top(logits[-1], sp.logprobs or 1, token))
+                    if token in (sp.stop_token_ids or []):
+                        break
+                    with torch.no_grad():
+                        logits = model(torch.tensor([ids + new])).logits[0]
+                outs.append(record("RequestOutput", prompt_logprobs=prompt_lps,
+                                   outputs=[record("CompletionOutput", token_ids=new, logprobs=lps)]))
+            return outs
+
+    vllm = types.ModuleType("vllm")
+    vllm.LLM, vllm.SamplingParams = LLM, SamplingParams
+    inputs = types.ModuleType("vllm.inputs")
+    inputs.TokensPrompt = TokensPrompt
+    vllm.inputs = inputs
+    return vllm, inputs
+
+
+def test_the_vllm_engine_speaks_vllms_recorded_interface(tiny_dir, monkeypatch):
+    """In process: every keyword the engine gives ``LLM``, ``SamplingParams``, ``TokensPrompt`` and
+    ``LLM.generate``, and every output field it reads, is one vLLM 0.33.0 declares
+    (``tests/data/vllm_0.33.0_api.json``, read from the wheel's source); on a tiny model the stand-in
+    answers as vLLM would, and the stores agree with the transformers engine."""
+    from helpers.backends import vllm_engine
+
+    model, tok = models.load_model(tiny_dir, dtype="fp32")
+    vllm, inputs = _stand_in_vllm(model)
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
+    monkeypatch.setattr(vllm_engine, "need_cuda", lambda *a: None)
+    engine = backends.open_backend("vllm", tiny_dir, dtype="fp32", options={"max_model_len": 512})
+    reference = TransformersEngine(model, tok)
+    prompts, texts = _problems(tok, 3)
+    for got, want in [(engine.generate(prompts, k=4, max_new_tokens=10), reference.generate(prompts, k=4, max_new_tokens=10)),
+                      (engine.score(prompts, texts, k=4), reference.score(prompts, texts, k=4))]:
+        for a, b in zip(got, want):
+            assert a["token_ids"] == b["token_ids"] and np.array_equal(a["topk_ids"], b["topk_ids"])
+            np.testing.assert_allclose(a["token_logprobs"], b["token_logprobs"], atol=1e-5)
+            np.testing.assert_allclose(a["tail_logprobs"], b["tail_logprobs"], atol=1e-3)
+    with pytest.raises(TypeError, match="unexpected keyword"):  # the stand-in does refuse what vLLM does not take
+        vllm.SamplingParams(logprob=4)
+
+
+def test_the_vllm_server_request_names_only_fields_of_vllms_completion_request(tiny_dir, monkeypatch):
+    import urllib.request
+
+    from helpers.backends.vllm_engine import VllmEngine
+
+    bodies = []
+
+    class Sent(Exception):
+        pass
+
+    def urlopen(request, timeout=None):
+        bodies.append(json.loads(request.data))
+        raise Sent
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    engine = VllmEngine.open(tiny_dir, url="http://server/v1")
+    for call in (lambda: engine.generate([[1, 2]], k=4, max_new_tokens=3), lambda: engine.score([[1, 2]], [[3]], k=4)):
+        with pytest.raises(Sent):
+            call()
+    assert len(bodies) == 2
+    for body in bodies:
+        assert set(body) <= set(VLLM_API["CompletionRequest"]), set(body) - set(VLLM_API["CompletionRequest"])

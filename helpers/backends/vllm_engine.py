@@ -20,6 +20,20 @@ model's generation config and tokenizer (``capture.eos_ids``), the rule every en
 Sampling seeds come from the torch generator ``build_store`` seeds, one per row. A repetition loop
 is cut after generation, at the first multiple of 8 new tokens where the row loops, which is where
 the ``transformers`` engine would have stopped it.
+
+Checked against vLLM 0.33.0's source (its wheel on PyPI; the extra pins ``vllm>=0.33,<0.34``):
+``LLM(model, tokenizer, dtype, tensor_parallel_size, gpu_memory_utilization, **EngineArgs:
+pipeline_parallel_size, max_model_len, max_logprobs)`` and ``LLM.generate(prompts, sampling_params,
+use_tqdm)`` in ``vllm/entrypoints/llm.py``; ``SamplingParams(max_tokens, temperature, top_p, seed,
+logprobs, prompt_logprobs, stop_token_ids, detokenize)`` in ``vllm/sampling_params.py``;
+``TokensPrompt(prompt_token_ids)`` in ``vllm/inputs/llm.py``; ``RequestOutput.prompt_logprobs`` (None
+at the first position), ``.outputs[0].token_ids`` and ``.logprobs`` (a list of {id: ``Logprob``}
+with ``.logprob``; the flat form only with ``flat_logprobs=True``, left off) in ``vllm/outputs.py``
+and ``vllm/logprobs.py``; the server's completions request (``prompt`` as token-id lists, ``echo``,
+``logprobs``, ``return_tokens_as_token_ids``, ``skip_special_tokens``, ``stop_token_ids``, ``seed``)
+in ``vllm/entrypoints/openai/completion/protocol.py``. The names are recorded in
+``tests/data/vllm_0.33.0_api.json``; the tests run the engine against a stand-in that accepts only
+those.
 """
 from __future__ import annotations
 
