@@ -41,7 +41,7 @@ def topk_capture(logits: torch.Tensor, k: int, taken: torch.Tensor | None = None
 
 def eos_ids(model=None, tokenizer=None, extra=()) -> list[int]:
     """End-of-sequence ids, the one rule of every engine: the generation config's (of ``model`` when
-    given; engines without a ``transformers`` model pass ``models.generation_eos(teacher)`` as
+    given; engines without a ``transformers`` model read it with ``engine_eos``, or pass other ids as
     ``extra``), then the tokenizer's (when given). Llama 3.1 stops at three: ``<|eot_id|>``,
     ``<|eom_id|>`` and ``<|end_of_text|>``; its tokenizer names one."""
     eos = None if model is None else model.generation_config.eos_token_id
@@ -50,6 +50,18 @@ def eos_ids(model=None, tokenizer=None, extra=()) -> list[int]:
         if i not in eos:
             eos.append(int(i))
     return eos
+
+
+def engine_eos(tokenizer, *sources: str | None) -> list[int]:
+    """``eos_ids`` for an engine that has no ``transformers`` model: the generation config of the
+    first of ``sources`` (model ids or folders; None skipped) that has one, then the tokenizer's."""
+    from ..models import generation_eos
+
+    for source in sources:
+        found = generation_eos(source) if source is not None else []
+        if found:
+            return eos_ids(tokenizer=tokenizer, extra=found)
+    return eos_ids(tokenizer=tokenizer)
 
 
 def text_ids(tokenizer, texts: list[str]) -> list[list[int]]:

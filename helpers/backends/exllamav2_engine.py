@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .needs import missing_package, need_cuda
-from .capture import decode_row, eos_ids, scored_row, topk_capture
+from .capture import decode_row, engine_eos, eos_ids, scored_row, topk_capture
 
 
 class ExLlamaV2Engine:
@@ -38,7 +38,7 @@ class ExLlamaV2Engine:
             import exllamav2
         except ImportError as e:
             raise missing_package("exllamav2", "exllamav2", "exl2", e) from None
-        from ..models import generation_eos, load_tokenizer
+        from ..models import load_tokenizer
 
         caches = {16: exllamav2.ExLlamaV2Cache, 8: exllamav2.ExLlamaV2Cache_8bit, 4: exllamav2.ExLlamaV2Cache_Q4}
         if cache_bits not in caches:
@@ -53,7 +53,7 @@ class ExLlamaV2Engine:
             model.load(gpu_split=list(gpu_split), progress=True)
             cache = caches[cache_bits](model, max_seq_len=max_seq_len)
         tok = load_tokenizer(tokenizer or teacher)
-        return cls(model, cache, tok, eos_ids(tokenizer=tok, extra=generation_eos(teacher)))
+        return cls(model, cache, tok, engine_eos(tok, teacher))
 
     def _forward(self, ids: list[int], *, last_only: bool) -> torch.Tensor:
         out = self.model.forward(torch.tensor([ids], dtype=torch.long), self.cache, last_id_only=last_only)

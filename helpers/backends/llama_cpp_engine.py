@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .needs import missing_package
-from .capture import decode_row, eos_ids, scored_row, topk_capture
+from .capture import decode_row, engine_eos, eos_ids, scored_row, topk_capture
 
 
 def _gguf(teacher: str) -> tuple[Path, Path | None]:
@@ -54,18 +54,18 @@ def _tokenizer(teacher: str, gguf: Path, tokenizer: str | None):
     return for_generation(AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name))
 
 
-def _stop_ids(teacher: str, tokenizer: str | None, llm) -> list[int]:
-    """End-of-sequence ids beyond the tokenizer's: the generation config of the model the GGUF was
-    made from (an embedded name, or the ``tokenizer`` option's folder), else what the GGUF's own
-    metadata names (end of sequence, end of turn, end of message)."""
-    from ..models import generation_eos
+def _eos(tok, teacher: str, tokenizer: str | None, llm) -> list[int]:
+    """End-of-sequence ids: the generation config of the model the GGUF was made from (an embedded
+    name, or the ``tokenizer`` option's folder: where ``_tokenizer`` reads the tokenizer), else what
+    the GGUF's own metadata names (end of sequence, end of turn, end of message); then the tokenizer's."""
+    from ..models import EMBEDDED
 
-    config = generation_eos(tokenizer or teacher) if tokenizer is not None or not teacher.endswith(".gguf") else []
-    if config:
-        return config
+    if tokenizer is not None or teacher in EMBEDDED:
+        return engine_eos(tok, tokenizer or teacher)
     meta = getattr(llm, "metadata", None) or {}
-    return [int(meta[key]) for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
-                                       "tokenizer.ggml.eom_token_id") if key in meta]
+    return eos_ids(tokenizer=tok, extra=[int(meta[key]) for key in ("tokenizer.ggml.eos_token_id",
+                                                                     "tokenizer.ggml.eot_token_id",
+                                                                     "tokenizer.ggml.eom_token_id") if key in meta])
 
 
 class LlamaCppEngine:
@@ -96,7 +96,7 @@ class LlamaCppEngine:
             if cleanup is not None:
                 shutil.rmtree(cleanup, ignore_errors=True)
             raise
-        return cls(llm, tok, eos=eos_ids(tokenizer=tok, extra=_stop_ids(teacher, tokenizer, llm)), cleanup=cleanup)
+        return cls(llm, tok, eos=_eos(tok, teacher, tokenizer, llm), cleanup=cleanup)
 
     def _fits(self, n: int) -> None:
         # llama.cpp may round its context up; the logits kept per position are what n_ctx asked for

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from .needs import missing_package, need_cuda
-from .capture import LOOP_CHECK_EVERY, eos_ids, looping, scored_row, solution_row
+from .capture import LOOP_CHECK_EVERY, engine_eos, eos_ids, looping, scored_row, solution_row
 
 
 # vLLM's log-probs are an fp32 log-softmax: its normaliser, a sum of probabilities near 1, is rounded
@@ -162,12 +162,12 @@ class VllmEngine:
              tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
              max_model_len: int | None = None, max_logprobs: int = 128, tail_ranks: int = 64,
              **llm_options) -> VllmEngine:
-        from ..models import generation_eos, load_tokenizer, resolve
+        from ..models import load_tokenizer, resolve
 
         if not url:  # before anything is loaded: without a GPU, one line and nothing else
             need_cuda("vllm", "vllm")
         tok = load_tokenizer(tokenizer or teacher)
-        eos = eos_ids(tokenizer=tok, extra=generation_eos(teacher) or generation_eos(tokenizer or teacher))
+        eos = engine_eos(tok, teacher, tokenizer)
         if url:
             return cls(tok, url=url, model_name=teacher, api_key=api_key, timeout=timeout, eos=eos,
                        tail_ranks=tail_ranks)
