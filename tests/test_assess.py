@@ -55,8 +55,9 @@ def test_generate_needs_left_padding(loaded):
 
 
 class CountingModel:
-    """Wraps a model and counts the prompts it reads (rows of a forward pass over more than one new
-    token: a prefill; decoding steps feed one token per row)."""
+    """Wraps a model and counts the prompts it reads (rows of a masked forward pass over more than one
+    new token: a prefill; decoding steps feed one token per row, and the prompts' shared prefix is
+    run once, unmasked)."""
 
     def __init__(self, model):
         self.model, self.prompts = model, 0
@@ -65,7 +66,7 @@ class CountingModel:
         return getattr(self.model, name)
 
     def __call__(self, **kw):
-        if kw["input_ids"].shape[1] > 1:
+        if kw["input_ids"].shape[1] > 1 and "attention_mask" in kw:
             self.prompts += kw["input_ids"].shape[0]
         return self.model(**kw)
 

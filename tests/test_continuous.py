@@ -109,3 +109,25 @@ def test_sliding_window_models_are_not_refilled():
     assert not continuous.supported(Gemma3ForCausalLM(cfg))
     with pytest.raises(ValueError, match="batch_size"):
         continuous.decode(None, None, [], batch_size=0, max_new_tokens=1)
+
+
+def test_shared_prefix_window_moves_and_compaction_keep_rows_equal_generate(stopping, monkeypatch):
+    """Prompts that open alike (a chat template's system turn) have that prefix run once and copied;
+    with many more steps than the buffer has columns the window is moved back to its start, and the
+    last rows are compacted: greedy rows and captures still equal ``generate``'s."""
+    model, tok = stopping
+    ids = prompt_ids(tok, [f"System: answer briefly. Question: {t}" for t in TEXTS * 3])
+    assert len(continuous._shared_prefix(ids)) >= 5
+    calls = Counter()
+    for name in ("_rewind", "compact"):
+        original = getattr(continuous._Batch, name)
+        monkeypatch.setattr(continuous._Batch, name,
+                            lambda self, *a, _f=original, _n=name: (calls.update([_n]), _f(self, *a))[1])
+    want = _reference(model, tok, ids, 4, k=8, max_new_tokens=24)
+    got = continuous.decode(model, tok, ids, batch_size=3, k=8, max_new_tokens=24)
+    assert calls["_rewind"] >= 2 and calls["compact"] >= 1
+    for g, w in zip(got, want):
+        assert g["token_ids"] == w["token_ids"] and g["stop"] == w["stop"]
+        np.testing.assert_array_equal(g["topk_ids"], w["topk_ids"])
+        for key in ("topk_logprobs", "tail_logprobs", "token_logprobs"):
+            np.testing.assert_allclose(g[key], w[key], atol=1e-5, rtol=0)
