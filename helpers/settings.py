@@ -34,7 +34,8 @@ DATA_SOURCES = ("word_arith", "gsm_symbolic", "gsm_symbolic-2step", "gsm8k", "gs
 EXTRACT_MODES = ("robust", "seed")
 OPTIMIZERS = ("sgd", "adamw")
 UNFINISHED = ("keep", "drop")
-BACKENDS = ("transformers", "llama_cpp", "vllm", "exllamav2")  # teacher engines (helpers.backends)
+TRACKERS = ("none", "tensorboard", "wandb", "mlflow")  # where training curves go (accelerate's trackers)
+BACKENDS = ("transformers", "llama_cpp", "vllm", "openai", "exllamav2")  # teacher engines (helpers.backends)
 REFERENCE_SUFFIX = "@reference"
 CONTROL_ROW = "no-distillation"  # the assessment's name for the untouched student
 
@@ -228,12 +229,13 @@ PARAMS: dict[str, Setting] = {s.name: s for s in [
     _s("teacher", Text(what="a model id, folder or embedded name"), "the teacher model (02 reads it for on-policy KD)",
        read_by=("01", "02", "05")),
     _s("teacher_backend", Choice(BACKENDS), "the engine that runs the teacher: transformers (the reference), "
-       "llama_cpp (GGUF files on a CPU; extra [cpu-fast]), vllm (CUDA; extra [vllm]) or exllamav2 (EXL2/GPTQ on "
-       "CUDA; extra [exl2]); 01 writes the stores with it and 02 scores on-policy samples with it",
+       "llama_cpp (GGUF files on a CPU; extra [cpu-fast]), vllm (CUDA; extra [vllm]), openai (any OpenAI-compatible "
+       "completions server: vllm serve, SGLang, llama_cpp.server) or exllamav2 (EXL2/GPTQ on CUDA; extra [exl2]); 01 writes the stores with it and 02 scores on-policy samples with it",
        read_by=("01", "02")),
     _s("teacher_backend_options", Mapping("a mapping of the back end's own options"),
        "options of teacher_backend (llama_cpp: n_ctx, n_threads, n_gpu_layers, tokenizer; vllm: url, "
        "tensor_parallel_size, pipeline_parallel_size, gpu_memory_utilization, max_model_len, max_logprobs; "
+       "openai: url, model, tokenizer, api_key, timeout, retries, tokens (auto | ids | text); "
        "exllamav2: gpu_split, max_seq_len, cache_bits)", optional=True, read_by=("01", "02")),
     _s("student", Text(what="a model id, folder or embedded name"), "the student model", read_by=("02", "03", "06")),
     _s("dtype", Choice(DTYPES), "weights' dtype (auto: bf16 on recent GPUs, fp16 on older ones; on a CPU bf16 only "
@@ -263,6 +265,10 @@ PARAMS: dict[str, Setting] = {s.name: s for s in [
     _s("seeds", ListOf(Num(int, 0), 1), "training seeds: every variant is trained and assessed once per seed, and "
        "the tables give the mean and spread across seeds beside the pooled CI (null: one training, seed 'seed')",
        optional=True, read_by=("02", "03")),
+    _s("tracker", Choice(TRACKERS), "where each variant's training curves go, per optimizer step (loss, KD and CE "
+       "terms, learning rate, gradient norm) and epoch (validation loss), with its settings as hyper-parameters: "
+       "none, tensorboard (extra [tensorboard]; results/<run>/tracker/<variant>), wandb or mlflow (their own "
+       "packages and login)", read_by=("02",)),
     _s("training", Mapping("a mapping of training settings (see 'Training settings')"),
        "training settings shared by every variant (and fusion row); a row's own keys win", read_by=("02", "06")),
     _s("variants", Mapping("a mapping of variant name to its row"),

@@ -1,3 +1,4 @@
+import importlib.util
 import numpy as np
 import pytest
 import torch
@@ -265,3 +266,52 @@ def test_lora_on_the_top_layers_only(tiny_dir):
     assert lora and all(".layers.1." in n for n in lora) and all(p.requires_grad for p in lora.values())
     assert any(float(p.abs().sum()) > 0 for n, p in lora.items() if "lora_B" in n)  # B starts at zero: it moved
     assert np.isfinite(hist["train_loss"]).all()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None,
+                    reason="tensorboard is not installed (pip install -e .[tensorboard])")
+def test_tensorboard_receives_every_step_and_the_variants_settings(tiny_dir, store, tmp_path):
+    """``tracker: tensorboard``: the event files, read back, hold per step the loss, both terms, the
+    learning rate and the gradient norm, and per epoch the validation loss, equal to the history;
+    the variant's settings are its hyper-parameters."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model, tok = models.load_model(tiny_dir, dtype="fp32")
+    exs = distill.build_examples(RECORDS, tok, store)
+    cfg = {"loss": "forward_kl", "optimizer": "adamw", "lr": 5e-3, "epochs": 2, "batch_size": 2, "T": 1.0, "alpha": 0.5,
+           "lora_dropout": 0.0}
+    _, hist = distill.train(model, tok, exs, exs[:2], cfg, progress=False, name="base-kd", tracker="tensorboard",
+                            tracker_dir=tmp_path, hyperparameters={"strategy": "base"})
+    runs = [p.parent for p in (tmp_path / "base-kd").rglob("events.out.tfevents.*")]
+    scalars = {}
+    for run in runs:
+        acc = EventAccumulator(str(run))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars[tag] = [(e.step, e.value) for e in acc.Scalars(tag)]
+    steps = hist["step"]
+    np.testing.assert_allclose([v for _, v in scalars["train/loss"]], hist["train_loss"], rtol=1e-6)
+    np.testing.assert_allclose([v for _, v in scalars["train/lr"]], hist["lr"], rtol=1e-6)
+    assert [s for s, _ in scalars["train/loss"]] == steps == [s for s, _ in scalars["train/grad_norm"]]
+    assert all(v > 0 for _, v in scalars["train/grad_norm"])
+    # loss = alpha · KD + (1 − alpha) · CE at every step (T = 1)
+    kd, ce = (np.array([v for _, v in scalars[f"train/{t}"]]) for t in ("kd", "ce"))
+    np.testing.assert_allclose(0.5 * kd + 0.5 * ce, hist["train_loss"], rtol=1e-5)
+    assert [s for s, _ in scalars["validation/loss"]] == [0, *hist["epoch_end_step"]]
+    np.testing.assert_allclose([v for _, v in scalars["validation/loss"]], [hist["val_loss_before"], *hist["val_loss"]],
+                               rtol=1e-6)
+    hparams = [p for p in (tmp_path / "base-kd").rglob("hparams.yml")]
+    text = hparams[0].read_text()
+    assert "strategy: base" in text and "loss: forward_kl" in text and "variant: base-kd" in text
+
+
+def test_an_unknown_or_missing_tracker_is_named(tiny_dir, store, monkeypatch):
+    model, tok = models.load_model(tiny_dir, dtype="fp32")
+    exs = distill.build_examples(RECORDS[:2], tok, store)
+    with pytest.raises(ValueError, match="unknown tracker 'tensorbord'; choose one of none, tensorboard, wandb, mlflow"):
+        distill.train(model, tok, exs, exs, {"loss": "ce"}, progress=False, tracker="tensorbord")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(RuntimeError, match=r"tracker 'wandb' needs the wandb package, which is not installed: pip "
+                                           r"install wandb, or set tracker: none"):
+        distill.train(model, tok, exs, exs, {"loss": "ce"}, progress=False, tracker="wandb")

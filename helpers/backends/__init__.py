@@ -7,6 +7,7 @@
 | ``transformers`` | CPU, one or several GPUs | (default) | any causal LM; the reference the others are checked against |
 | ``llama_cpp`` | CPU (AVX2/NEON), Metal, CUDA | ``pip install -e .[cpu-fast]`` (builds llama.cpp with cmake) | GGUF files, e.g. the embedded SmolLM2 |
 | ``vllm`` | CUDA, one or several GPUs or nodes | ``pip install -e .[vllm]`` | a hub model in-process, or an OpenAI-compatible vLLM server (``url``) |
+| ``openai`` | wherever the server runs | (nothing: the standard library) | any model behind an OpenAI-compatible completions server: ``vllm serve``, SGLang, ``python -m llama_cpp.server`` (``url``) |
 | ``exllamav2`` | CUDA | ``pip install -e .[exl2]`` | EXL2/GPTQ-quantised folders (the study's 405B at 6 bpw) |
 
 Every engine works on token ids produced by the teacher's ``transformers`` tokenizer (``.tokenizer``):
@@ -39,6 +40,8 @@ def open_backend(name: str, teacher: str, *, dtype: str = "auto", device: str = 
         from .llama_cpp_engine import LlamaCppEngine as engine
     elif name == "vllm":
         from .vllm_engine import VllmEngine as engine
+    elif name == "openai":
+        from .openai_engine import OpenAIEngine as engine
     elif name == "exllamav2":
         from .exllamav2_engine import ExLlamaV2Engine as engine
     else:

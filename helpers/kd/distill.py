@@ -144,7 +144,8 @@ def _diverged(cfg: dict, name: str, what: str, value: float, step: int, epoch: i
 
 def train(model, tokenizer, train_examples: list[Example], val_examples: list[Example], cfg: dict,
           progress: bool = True, name: str = "training", *, collate_fn=None, loss_fn=None, prepare_batch=None,
-          lora: bool = True):
+          lora: bool = True, tracker: str = "none", tracker_dir: str | Path | None = None,
+          experiment: str = "kd-gsm", hyperparameters: dict | None = None):
     """Train LoRA adapters on ``model`` in place; returns ``(peft_model, history)``. ``lora=False``
     trains the model's own parameters that require a gradient instead (the caller freezes the
     others; the ``lora_*`` settings are unused) and returns ``(model, history)``.
@@ -159,6 +160,13 @@ def train(model, tokenizer, train_examples: list[Example], val_examples: list[Ex
     number of target tokens (so a step's gradient is the token mean over the whole step, as
     with one big batch, also across processes). A loss or gradient that is not finite stops
     training at once with :class:`TrainingDiverged`.
+
+    ``tracker`` (``settings.TRACKERS``): accelerate's tracker that receives, per optimizer step,
+    ``train/loss``, ``train/kd`` and ``train/ce`` (the step's token means of the two terms; NaN
+    where a term is off), ``train/lr`` and ``train/grad_norm``, and per epoch ``validation/loss``
+    (the variant's loss on the validation examples: its divergence from the teacher for a KD row),
+    with ``cfg`` and ``hyperparameters`` as the run's hyper-parameters. The run is ``name``;
+    TensorBoard writes to ``tracker_dir/name``, wandb and mlflow file it under ``experiment``.
     """
     import contextlib
     import itertools
@@ -176,7 +184,8 @@ def train(model, tokenizer, train_examples: list[Example], val_examples: list[Ex
     if cfg["loss"] != "ce" and train_examples and getattr(train_examples[0], "topk_ids", 0) is None:
         raise ValueError(f"loss {cfg['loss']!r} needs teacher distributions; these examples have none")
     set_seed(cfg["seed"])
-    accelerator = Accelerator()
+    accelerator = _tracked_accelerator(Accelerator, tracker, tracker_dir, name, experiment,
+                                       {"variant": name, **cfg, **(hyperparameters or {})})
     if lora:
         top = cfg["lora_layers"]  # LoRA on the top layers only: backward stops below the lowest of them
         n_layers = model.config.get_text_config().num_hidden_layers
@@ -205,6 +214,7 @@ def train(model, tokenizer, train_examples: list[Example], val_examples: list[Ex
     history = {"step": [], "train_loss": [], "lr": [], "epoch_end_step": [], "val_loss": [],
                "micro_step": [], "micro_loss": [], "micro_tokens": [],
                "val_loss_before": evaluate(model, val_loader, cfg, accelerator, loss_fn)}
+    accelerator.log({"validation/loss": history["val_loss_before"]}, step=0)
     step, t0 = 0, time.time()
     bar = tqdm(total=total_steps, desc=f"distilling {name}", disable=not (progress and accelerator.is_main_process))
     model.train()
@@ -217,7 +227,7 @@ def train(model, tokenizer, train_examples: list[Example], val_examples: list[Ex
             if accelerator.num_processes > 1:  # token weights over the global step
                 tokens = accelerator.reduce(tokens.to(accelerator.device), reduction="sum")
             tokens = tokens.clamp_min(1.0)
-            step_loss = 0.0
+            step_loss, terms = 0.0, {"kd": 0.0, "ce": 0.0}
             for j, batch in enumerate(window):
                 sync = j == len(window) - 1
                 with contextlib.nullcontext() if sync else accelerator.no_sync(model):
@@ -230,6 +240,8 @@ def train(model, tokenizer, train_examples: list[Example], val_examples: list[Ex
                 history["micro_loss"].append(loss.item())
                 history["micro_tokens"].append(int(n.item()))
                 step_loss += loss.item() * weight / accelerator.num_processes
+                for term in terms:
+                    terms[term] += float(parts.get(term, math.nan)) * weight / accelerator.num_processes
             if accelerator.num_processes > 1:  # every process's share of the step's token mean
                 step_loss = accelerator.reduce(torch.tensor(step_loss, dtype=torch.float64, device=accelerator.device),
                                                reduction="sum").item()
@@ -244,6 +256,12 @@ def train(model, tokenizer, train_examples: list[Example], val_examples: list[Ex
             step += 1
             history["step"].append(step)
             history["train_loss"].append(step_loss)
+            if accelerator.log_with:
+                if accelerator.num_processes > 1:
+                    terms = {t: accelerator.reduce(torch.tensor(v, dtype=torch.float64, device=accelerator.device),
+                                                   reduction="sum").item() for t, v in terms.items()}
+                accelerator.log({"train/loss": step_loss, "train/kd": terms["kd"], "train/ce": terms["ce"],
+                                 "train/lr": history["lr"][-1], "train/grad_norm": norm.item()}, step=step)
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.3f}")
         history["epoch_end_step"].append(step)
@@ -251,13 +269,42 @@ def train(model, tokenizer, train_examples: list[Example], val_examples: list[Ex
         if not math.isfinite(val):
             raise _diverged(cfg, name, "validation loss", val, step, epoch)
         history["val_loss"].append(val)
+        accelerator.log({"validation/loss": val}, step=step)
     bar.close()
+    accelerator.end_training()
     history["seconds"] = round(time.time() - t0, 1)
     peft_model = accelerator.unwrap_model(model)
     if accelerator.distributed_type == DistributedType.FSDP:
         # the weights are sharded over the processes: all of them join the gather, the main one saves it
         peft_model.full_state_dict = accelerator.get_state_dict(model)
     return peft_model, history
+
+
+def _tracked_accelerator(Accelerator, tracker: str, tracker_dir, name: str, experiment: str, hyperparameters: dict):
+    """An ``Accelerator`` logging to ``tracker`` (none: logging to nothing), its run started."""
+    import importlib.util
+
+    from ..settings import TRACKERS
+
+    if tracker not in TRACKERS:
+        raise ValueError(f"unknown tracker {tracker!r}; choose one of {', '.join(TRACKERS)}")
+    if tracker == "none":
+        return Accelerator()
+    if importlib.util.find_spec(tracker) is None:
+        extra = "pip install -e .[tensorboard]" if tracker == "tensorboard" else f"pip install {tracker}"
+        raise RuntimeError(f"tracker {tracker!r} needs the {tracker} package, which is not installed: {extra}, "
+                           "or set tracker: none")
+    if tracker == "tensorboard" and tracker_dir is None:
+        raise ValueError("tracker 'tensorboard' writes to a folder: give tracker_dir")
+    accelerator = Accelerator(log_with=tracker, project_dir=None if tracker_dir is None else str(tracker_dir))
+    # hyper-parameters as the trackers take them: numbers, text and flags; anything else as its text
+    hp = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in hyperparameters.items()}
+    runs = {"tensorboard": (name, {}),
+            "wandb": (experiment, {"name": name, **({"dir": str(tracker_dir)} if tracker_dir else {})}),
+            "mlflow": (experiment, {"run_name": name})}
+    project, init = runs[tracker]
+    accelerator.init_trackers(project, config=hp, init_kwargs={tracker: init} if init else {})
+    return accelerator
 
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "history.json")
@@ -312,7 +359,7 @@ def run_variant(variant: str, variant_spec: dict, *, student: str, results_dir: 
                 n_validation: int = 0, n_test: int = 0, seed: int = 0, train_seed: int | None = None,
                 unfinished: str = "keep", dtype: str = "auto", device: str = "auto", progress: bool = True,
                 teacher: str | None = None, teacher_backend: str = "transformers",
-                teacher_backend_options: dict | None = None) -> Path:
+                teacher_backend_options: dict | None = None, tracker: str = "none") -> Path:
     """Train one variant of a profile (notebook 02 and ``python -m helpers.kd.distill`` call this).
 
     ``variant_spec``: ``strategy`` (whose teacher store to learn from; none for the fine-tuning
@@ -320,7 +367,8 @@ def run_variant(variant: str, variant_spec: dict, *, student: str, results_dir: 
     which wins over ``training``. ``seed`` picks the data splits (and, by default, the training
     seed); ``train_seed`` trains one seed of a profile's ``seeds`` (LoRA initialisation, dropout,
     batch order) into its own folder. ``unfinished``: keep or drop teacher solutions that did not
-    finish. Skipped when the adapter exists with the same settings. Returns the adapter folder
+    finish. ``tracker``: where the training curves go (``train``; TensorBoard under
+    ``results_dir/tracker``). Skipped when the adapter exists with the same settings. Returns the adapter folder
     (``adapter_dir``). A variant with ``on_policy: λ > 0`` (GKD, ``on_policy.OnPolicy``) opens
     ``teacher`` (the store's teacher) on ``teacher_backend`` to score the student's samples.
     """
@@ -386,8 +434,10 @@ def run_variant(variant: str, variant_spec: dict, *, student: str, results_dir: 
         hook = OnPolicy(engine, tok, cfg["on_policy"], k=stores["train"].manifest["settings"]["k"],
                         max_new_tokens=cfg["on_policy_max_new_tokens"], max_length=cfg["max_length"],
                         seed=cfg["seed"] + state.process_index)
-    peft_model, history = train(model, tok, train_ex, val_ex, cfg, progress=progress, name=variant,
-                                prepare_batch=hook)
+    run = variant if train_seed is None else f"{variant}@seed{train_seed}"
+    peft_model, history = train(model, tok, train_ex, val_ex, cfg, progress=progress, name=run,
+                                prepare_batch=hook, tracker=tracker, tracker_dir=results_dir / "tracker",
+                                experiment=results_dir.name, hyperparameters={"strategy": strategy, "student": student})
     if hook is not None:
         hook.engine.close()
         history["on_policy_batches"] = [hook.sampled, hook.batches]
@@ -439,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
                         seed=p.get("seed", 0), train_seed=train_seed, unfinished=p.get("teacher_unfinished", "keep"),
                         dtype=p.get("dtype", "auto"), teacher=p.get("teacher"),
                         teacher_backend=p.get("teacher_backend", "transformers"),
-                        teacher_backend_options=p.get("teacher_backend_options"))
+                        teacher_backend_options=p.get("teacher_backend_options"), tracker=p.get("tracker", "none"))
     except (ValueError, FileNotFoundError, TrainingDiverged) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
