@@ -35,7 +35,7 @@ EXTRACT_MODES = ("robust", "seed")
 OPTIMIZERS = ("sgd", "adamw")
 UNFINISHED = ("keep", "drop")
 TRACKERS = ("none", "tensorboard", "wandb", "mlflow")  # where training curves go (accelerate's trackers)
-BACKENDS = ("transformers", "llama_cpp", "vllm", "openai", "exllamav2")  # teacher engines (helpers.backends)
+BACKENDS = ("transformers", "llama_cpp", "vllm", "openai", "exllamav2", "exllamav3")  # teacher engines (helpers.backends)
 REFERENCE_SUFFIX = "@reference"
 CONTROL_ROW = "no-distillation"  # the assessment's name for the untouched student
 
@@ -230,13 +230,15 @@ PARAMS: dict[str, Setting] = {s.name: s for s in [
        read_by=("01", "02", "05")),
     _s("teacher_backend", Choice(BACKENDS), "the engine that runs the teacher: transformers (the reference), "
        "llama_cpp (GGUF files on a CPU; extra [cpu-fast]), vllm (CUDA; extra [vllm]), openai (any OpenAI-compatible "
-       "completions server: vllm serve, SGLang, llama_cpp.server) or exllamav2 (EXL2/GPTQ on CUDA; extra [exl2]); 01 writes the stores with it and 02 scores on-policy samples with it",
+       "completions server: vllm serve, SGLang, llama_cpp.server), exllamav2 (EXL2/GPTQ on CUDA; extra [exl2]) or "
+       "exllamav3 (EXL3 on CUDA; extra [exl3]); 01 writes the stores with it and 02 scores on-policy samples with it",
        read_by=("01", "02")),
     _s("teacher_backend_options", Mapping("a mapping of the back end's own options"),
        "options of teacher_backend (llama_cpp: n_ctx, n_threads, n_gpu_layers, tokenizer; vllm: url, "
        "tensor_parallel_size, pipeline_parallel_size, gpu_memory_utilization, max_model_len, max_logprobs; "
-       "openai: url, model, tokenizer, api_key, timeout, retries, tokens (auto | ids | text); "
-       "exllamav2: gpu_split, max_seq_len, cache_bits)", optional=True, read_by=("01", "02")),
+       "openai: url, model, tokenizer, api_key, timeout, retries, backoff, tokens (auto | ids | text); "
+       "exllamav2: gpu_split, max_seq_len, cache_bits, tokenizer; exllamav3: the same and max_chunk_size)",
+       optional=True, read_by=("01", "02")),
     _s("student", Text(what="a model id, folder or embedded name"), "the student model", read_by=("02", "03", "06")),
     _s("dtype", Choice(DTYPES), "weights' dtype (auto: bf16 on recent GPUs, fp16 on older ones; on a CPU bf16 only "
        "where it is native (AVX512-BF16, AMX, Arm BF16), else fp32)"),

@@ -6,8 +6,10 @@ wherever the reference's two most likely tokens are not tied, and log-probs with
 stated per engine (zero for ``transformers`` itself; the quantised GGUF's for ``llama_cpp``); greedy
 generation writes the same tokens up to the first near-tie of the reference. ``transformers`` runs
 it on a tiny model; ``llama_cpp`` on the embedded SmolLM2 GGUF (skipped, with the reason, where
-``llama-cpp-python`` is not installed); ``vllm`` and ``exllamav2`` are marked ``gpu`` and skipped
-without CUDA."""
+``llama-cpp-python`` is not installed); ``vllm``, ``exllamav2`` and ``exllamav3`` are marked ``gpu``
+and skipped without CUDA. Without a GPU, the CUDA engines are held to their libraries' interfaces as
+recorded from the libraries' source (``tests/data/*_api.json``, written by ``scripts/record_api.py``):
+stand-ins that accept only those names run the engines on a tiny model on the CPU."""
 import importlib.util
 import json
 import math
@@ -153,7 +155,7 @@ def test_unknown_or_unavailable_back_ends_are_refused_in_one_line(tiny_dir, tmp_
     with pytest.raises(ValueError, match="llama_cpp' runs GGUF files: .* is neither an embedded model"):
         backends.open_backend("llama_cpp", tiny_dir)
     if not HAS_CUDA:
-        for name, extra in (("vllm", "vllm"), ("exllamav2", "exl2")):
+        for name, extra in (("vllm", "vllm"), ("exllamav2", "exl2"), ("exllamav3", "exl3")):
             with pytest.raises(RuntimeError, match=rf"'{name}' needs a CUDA GPU.*pip install -e \.\[{extra}\]"):
                 backends.open_backend(name, tiny_dir)
 
@@ -230,6 +232,17 @@ def test_vllm_conforms_to_transformers_on_the_gpu(tmp_path_factory):
 def test_exllamav2_conforms_to_transformers_on_the_gpu(tmp_path_factory):
     path = _gpu_model(tmp_path_factory)
     engine = backends.open_backend("exllamav2", path)
+    reference = backends.open_backend("transformers", path, dtype="fp16", device="cuda")
+    print(conform(engine, reference, Tolerance(tie=0.05, mean_abs=5e-3, max_abs=5e-2, tail=5e-2)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(importlib.util.find_spec("exllamav3") is None,
+                    reason="exllamav3 is not installed (pip install -e .[exl3])")
+@gpu
+def test_exllamav3_conforms_to_transformers_on_the_gpu(tmp_path_factory):
+    path = _gpu_model(tmp_path_factory)
+    engine = backends.open_backend("exllamav3", path)
     reference = backends.open_backend("transformers", path, dtype="fp16", device="cuda")
     print(conform(engine, reference, Tolerance(tie=0.05, mean_abs=5e-3, max_abs=5e-2, tail=5e-2)))
 
@@ -584,3 +597,473 @@ def test_the_vllm_server_request_names_only_fields_of_vllms_completion_request(t
     assert len(bodies) == 2
     for body in bodies:
         assert set(body) <= set(VLLM_API["CompletionRequest"]), set(body) - set(VLLM_API["CompletionRequest"])
+
+
+# ---------------------------------------------------------------- ExLlamaV2's and ExLlamaV3's interfaces, as recorded
+EXL2_API = json.loads((Path(__file__).parent / "data" / "exllamav2_0.3.2_api.json").read_text())
+EXL3_API = json.loads((Path(__file__).parent / "data" / "exllamav3_1.6.5_api.json").read_text())
+
+
+def _bind(api, lib, key, args, kwargs) -> dict:
+    """The arguments of a call to ``key`` as the recorded signature binds them: too many positional
+    arguments, a name it does not declare, a value given twice or a parameter without default left
+    out raise TypeError. Stricter than the library where it takes ``**kwargs``: those go on to other
+    calls (module forwards, the architecture's constructor) and a misspelt name would vanish there."""
+    import ast
+
+    names, defaults = api[key], api[f"{key} defaults"]
+    where = f"({lib} {api['version']}, tests/data)"
+    if len(args) > len(names):
+        raise TypeError(f"{key} takes {len(names)} arguments, got {len(args)} positional {where}")
+    bound = dict(zip(names, args))
+    for name, value in kwargs.items():
+        if name not in names:
+            raise TypeError(f"{key} got an unexpected keyword argument {name!r} {where}")
+        if name in bound:
+            raise TypeError(f"{key} got multiple values for {name!r} {where}")
+        bound[name] = value
+    for name in names:
+        if name not in bound:
+            if name not in defaults:
+                raise TypeError(f"{key} is missing the argument {name!r} {where}")
+            try:
+                bound[name] = ast.literal_eval(defaults[name])
+            except ValueError:
+                bound[name] = defaults[name]  # an expression (e.g. torch.half): its source
+    return bound
+
+
+class _Recorded:
+    """An object whose public attributes must be ones the library's class has."""
+
+    _attributes: list[str] = []
+
+    def __setattr__(self, name, value):
+        if not name.startswith("_") and name not in self._attributes:
+            raise AttributeError(f"{type(self).__name__} has no attribute {name!r} in the recorded source")
+        object.__setattr__(self, name, value)
+
+
+def _module(name, api, **members):
+    import types
+
+    module = types.ModuleType(name)
+    for member, value in members.items():
+        assert member in api["exports"], f"{name} does not export {member}"
+        setattr(module, member, value)
+    return module
+
+
+def _pass_after(hf_model, holder, past: int, ids: torch.Tensor) -> torch.Tensor:
+    """``hf_model``'s logits for ``ids`` written after the first ``past`` positions of the
+    ``transformers`` cache ``holder._kv`` (what lies beyond them is overwritten, as in a paged or
+    ExLlama cache)."""
+    from transformers import DynamicCache
+
+    from helpers.collm import _CACHE
+
+    held = holder._kv.get_seq_length()
+    assert held >= past, "positions before the pass were never written"
+    if past == 0:
+        holder._kv = DynamicCache()
+    elif held > past:
+        holder._kv.crop(past - held)
+    with torch.no_grad():
+        return hf_model(input_ids=ids, use_cache=True, **{_CACHE: holder._kv}).logits
+
+
+def _padded(logits: torch.Tensor, multiple: int, value: float) -> torch.Tensor:
+    """fp16 logits with the head's width rounded up to ``multiple``, the new columns set to ``value``."""
+    return torch.nn.functional.pad(logits.half(), (0, -logits.shape[-1] % multiple), value=value)
+
+
+def _stand_in_exllamav2(hf_model, api=EXL2_API):
+    """An ``exllamav2`` package that takes exactly the arguments ExLlamaV2 0.3.2 declares
+    (``api``, read from its source) and behaves as its source says: the config read from the folder's
+    config.json; a lazy cache for ``load_autosplit`` and a cache made after ``load``; ``forward``
+    wants int64 ids on the CPU, writes at ``cache.current_seq_len`` and advances it, refuses what
+    does not fit the cache, feeds a long input in chunks of ``config.max_input_len`` and returns
+    fp16 logits whose width is the vocabulary rounded up to 32, the extra columns -65504. The
+    forward passes are ``hf_model``'s, with a ``transformers`` cache."""
+    from transformers import DynamicCache
+
+    bind = lambda key, args, kwargs: _bind(api, "ExLlamaV2", key, args, kwargs)  # noqa: E731
+    pad32 = api["ExLlamaV2Linear.__init__ defaults"]["pad32"] == "True"
+
+    class ExLlamaV2Config(_Recorded):
+        _attributes = api["ExLlamaV2Config attributes"]
+
+        def __init__(self, *args, **kwargs):
+            a = bind("ExLlamaV2Config.__init__", args, kwargs)
+            self.model_dir = a["model_dir"]
+            assert Path(self.model_dir).exists(), "Can't find " + self.model_dir
+            read = json.loads((Path(self.model_dir) / "config.json").read_text())
+            self.vocab_size, self.max_seq_len = read["vocab_size"], read.get("max_position_embeddings", 2048)
+            self.max_input_len, self.max_batch_size = 2048, 1
+            self._compat = False
+
+        def arch_compat_overrides(self, *args, **kwargs):
+            bind("ExLlamaV2Config.arch_compat_overrides", args, kwargs)
+            self._compat = True
+
+    class ExLlamaV2(_Recorded):
+        _attributes = ["config", "modules", "loaded"]
+
+        def __init__(self, *args, **kwargs):
+            self.config = bind("ExLlamaV2.__init__", args, kwargs)["config"]
+            self.modules, self.loaded = [hf_model], False
+
+        def load(self, *args, **kwargs):
+            bind("ExLlamaV2.load", args, kwargs)
+            self.loaded = True
+
+        def load_autosplit(self, *args, **kwargs):
+            cache = bind("ExLlamaV2.load_autosplit", args, kwargs)["cache"]
+            assert cache._lazy, "load_autosplit allocates a cache made with lazy=True"
+            self.config.max_input_len = min(self.config.max_input_len, self.config.max_seq_len)
+            cache._allocated, self.loaded = True, True
+
+        def unload(self, *args, **kwargs):
+            bind("ExLlamaV2.unload", args, kwargs)
+            self.modules, self.loaded = [], False
+
+        def forward(self, *args, **kwargs):
+            a = bind("ExLlamaV2.forward", args, kwargs)
+            ids, cache = a["input_ids"], a["cache"]
+            assert self.loaded and cache is not None and cache._allocated
+            assert ids.device.type == "cpu" and ids.dtype == torch.long and ids.dim() == 2, (ids.device, ids.dtype)
+            q = ids.shape[1]
+            assert cache.current_seq_len + q <= cache.max_seq_len, \
+                "Total sequence length exceeds cache size in model.forward"
+            step, out = self.config.max_input_len, []
+            for begin in range(0, q, step):  # a pass writes from current_seq_len on
+                logits = _pass_after(hf_model, cache, cache.current_seq_len, ids[:, begin:begin + step])
+                cache.current_seq_len += logits.shape[1]
+                if a["last_id_only"]:
+                    if begin + step < q:
+                        continue  # the chunks before the last only fill the cache
+                    logits = logits[:, -1:]
+                out.append(logits)
+            return _padded(torch.cat(out, 1), 32 if pad32 else 1, -65504.0)
+
+    def cache_class(name):
+        class Cache(_Recorded):
+            _attributes = api["ExLlamaV2CacheBase attributes"]
+
+            def __init__(self, *args, **kwargs):
+                a = bind(f"{name}.__init__", args, kwargs)
+                self.model = a["model"]
+                self.max_seq_len = a["max_seq_len"] if a["max_seq_len"] != -1 else self.model.config.max_seq_len
+                if name != "ExLlamaV2Cache":  # the Q caches round up to their block (cache.py)
+                    self.max_seq_len = -(-self.max_seq_len // 256) * 256
+                self.current_seq_len, self._lazy, self._kv = 0, a["lazy"], DynamicCache()
+                # made before the model is loaded and not lazy, its tensors would land on the CPU
+                assert self._lazy or self.model.loaded, "a cache made before load() without lazy=True"
+                self._allocated = not self._lazy
+
+            def reset(self, *args, **kwargs):
+                bind("ExLlamaV2CacheBase.reset", args, kwargs)
+                self.current_seq_len = 0
+
+        Cache.__name__ = name
+        return Cache
+
+    return _module("exllamav2", api, ExLlamaV2Config=ExLlamaV2Config, ExLlamaV2=ExLlamaV2,
+                   **{name: cache_class(name) for name in ("ExLlamaV2Cache", "ExLlamaV2Cache_Q8", "ExLlamaV2Cache_Q6",
+                                                           "ExLlamaV2Cache_Q4")})
+
+
+def _stand_in_exllamav3(hf_model, api=EXL3_API, recurrent=False):
+    """An ``exllamav3`` package that takes exactly the arguments and ``params`` keys ExLlamaV3 1.6.5
+    declares (``api``, read from its source) and behaves as its source says: the cache attached to
+    the model gets its tensors when the model loads (made after, it is never usable); a pass writes
+    at ``past_len`` within ``batch_shape`` (a multiple of 256 no larger than the cache), ``prefill``
+    returns nothing, ``last_tokens_only`` keeps the last positions, and the logits are fp16 with the
+    head's width rounded up to 128, the extra columns zero. ``recurrent``: the model has recurrent
+    layers, whose per-sequence states come from a pool of ``max_batch_size`` slots."""
+    import collections
+    import types
+
+    from transformers import DynamicCache
+
+    bind = lambda key, args, kwargs: _bind(api, "ExLlamaV3", key, args, kwargs)  # noqa: E731
+    page, pad_to = api["PAGE_SIZE"], int(api["Linear.__init__ defaults"]["pad_to"])
+
+    class Config(_Recorded):
+        _attributes = api["Config attributes"]
+
+        @staticmethod
+        def from_directory(*args, **kwargs):
+            a = bind("Config.from_directory", args, kwargs)
+            config = Config()
+            config.directory = a["directory"]
+            read = json.loads((Path(config.directory) / "config.json").read_text())
+            config.vocab_size, config.max_position_embeddings = read["vocab_size"], read["max_position_embeddings"]
+            return config
+
+    class CacheLayer_fp16:
+        pass
+
+    class CacheLayer_quant:
+        pass
+
+    class State:
+        def __init__(self, slot):
+            self.slot, self.position = slot, 0
+
+    class Model(_Recorded):
+        _attributes = ["config", "modules"]
+
+        @staticmethod
+        def from_config(*args, **kwargs):
+            a = bind("Model.from_config", args, kwargs)
+            model = Model()
+            model.config, model.modules, model._caches, model._load = a["config"], [hf_model], [], None
+            return model
+
+        def load(self, *args, **kwargs):
+            self._load = bind("Model.load_gen", args, kwargs)  # load(*args, **kwargs) calls load_gen with them
+            for cache in self._caches:
+                cache.initialized = True
+
+        def unload(self, *args, **kwargs):
+            bind("Model.unload", args, kwargs)
+            for cache in self._caches:
+                cache.initialized = False
+
+        def forward(self, *args, **kwargs):
+            return self._pass(**bind("Model.forward", args, kwargs), logits=True)
+
+        def prefill(self, *args, **kwargs):
+            return self._pass(**bind("Model.prefill", args, kwargs), logits=False)
+
+        def _pass(self, input_ids, params, logits):
+            unknown = set(params) - set(api["Model.forward params keys"])
+            if unknown:
+                raise TypeError(f"params keys {sorted(unknown)} are read by no pass of ExLlamaV3 {api['version']}")
+            assert params.get("attn_mode") == "flash_attn" and "block_table" not in params
+            cache = params["cache"]
+            assert cache.initialized, "Cache tensors were never allocated. Construct the Cache BEFORE model.load()"
+            bsz, width = params["batch_shape"]
+            assert width % page == 0 and bsz * width <= cache.max_num_tokens, "Cache too small for batch shape"
+            ids, past = input_ids, params["past_len"]
+            assert ids.dtype == torch.long and ids.dim() == 2 and ids.shape[0] <= bsz and past + ids.shape[1] <= width
+            states = params.get("recurrent_states")
+            if recurrent:  # as cache/recurrent_util.py's prepare_for_recurrence
+                if past > 0:
+                    if states is None:
+                        raise ValueError("Past length given, but no previous state for recurrence in params")
+                    assert all(s.position == past for s in states), "recurrent states don't match input past_len"
+                elif states is None:
+                    params["recurrent_states"] = states = [cache._new_state() for _ in range(ids.shape[0])]
+                else:
+                    assert all(s.position == 0 for s in states), "recurrent states don't match input past_len"
+            params.update(cache_seqlens=torch.tensor([past], dtype=torch.int32), position=past)  # filled in by the pass
+            out = _pass_after(hf_model, cache, past, ids)
+            for state in states or []:
+                state.position += ids.shape[1]
+            if not logits:
+                return None
+            if params.get("last_tokens_only"):
+                out = out[:, -params["last_tokens_only"]:]
+            return _padded(out, pad_to, 0.0)
+
+    class Cache(_Recorded):
+        _attributes = api["Cache attributes"]
+
+        def __init__(self, *args, **kwargs):
+            names = api["Cache.__init__"]
+            own = _bind(api, "ExLlamaV3", "Cache.__init__", args, {k: v for k, v in kwargs.items() if k in names})
+            layer = own["layer_type"] or CacheLayer_fp16  # the rest of the keywords go to the layer type
+            bind(f"{layer.__name__}.__init__", (None, None, 0, own["max_num_tokens"]),
+                 {k: v for k, v in kwargs.items() if k not in names})
+            assert own["max_num_tokens"] % page == 0, f"max_num_tokens must be a multiple of {page}."
+            self.model, self.max_num_tokens, self.initialized = own["model"], own["max_num_tokens"], False
+            self.free_list, self._kv = collections.deque(range(own["max_batch_size"])), DynamicCache()
+            self.model._caches.append(self)
+
+        def _new_state(self):
+            assert self.free_list, "Cannot create new state: no available slots"
+            return State(self.free_list.popleft())
+
+        def release_state(self, *args, **kwargs):
+            self.free_list.appendleft(bind("Cache.release_state", args, kwargs)["state"].slot)
+
+    exllamav3 = _module("exllamav3", api, Config=Config, Model=Model, Cache=Cache, CacheLayer_fp16=CacheLayer_fp16,
+                        CacheLayer_quant=CacheLayer_quant)
+    constants = types.ModuleType("exllamav3.constants")
+    constants.PAGE_SIZE = page
+    exllamav3.constants = constants
+    return exllamav3, constants
+
+
+@pytest.fixture(scope="module")
+def wide_dir(tmp_path_factory):
+    """The tiny model with 7 more rows in its head than its tokenizer has ids (as Qwen2.5 has, and
+    many models padded to a round size): the ids an engine keeps are the model's, as transformers'."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import make_tokenizer
+
+    path = tmp_path_factory.mktemp("wide")
+    tok = make_tokenizer()
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=len(tok) + 7, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def _fp16_head(hf_model):
+    """``hf_model`` with its logits rounded to fp16, as ExLlama's are: the stand-ins return them as
+    fp16 without a further rounding, and the transformers engine on the same model reads the same
+    values, so stores computed from them can be compared exactly."""
+    hf_model.lm_head.register_forward_hook(lambda module, args, out: out.half().float())
+    return hf_model
+
+
+def _same_stores(engine, reference, prompts, texts, *, k=4, max_new_tokens=10):
+    """The engine's rows against the transformers engine's on the same ids: the same tokens and
+    top-k ids, the same log-probs (up to fp32 rounding: the engine's passes use the KV cache)."""
+    for got, want in [(engine.generate(prompts, k=k, max_new_tokens=max_new_tokens),
+                       reference.generate(prompts, k=k, max_new_tokens=max_new_tokens)),
+                      (engine.score(prompts, texts, k=k), reference.score(prompts, texts, k=k))]:
+        for a, b in zip(got, want):
+            _check_row(a, k)
+            assert a["token_ids"] == b["token_ids"] and np.array_equal(a["topk_ids"], b["topk_ids"])
+            np.testing.assert_allclose(a["token_logprobs"], b["token_logprobs"], atol=1e-5)
+            np.testing.assert_allclose(a["tail_logprobs"], b["tail_logprobs"], atol=1e-5)
+
+
+@pytest.mark.parametrize("options", [{}, {"gpu_split": [20], "cache_bits": 4}, {"max_seq_len": 700, "cache_bits": 8},
+                                     {"cache_bits": 6, "max_input_len": 16}],
+                         ids=["autosplit", "split-q4", "q8", "chunked"])
+def test_the_exllamav2_engine_speaks_exllamav2s_recorded_interface(wide_dir, monkeypatch, options):
+    """Every call the engine makes to ExLlamaV2, with its arguments, and every attribute it reads or
+    sets, is one ExLlamaV2 0.3.2 declares (``tests/data/exllamav2_0.3.2_api.json``, read from the
+    wheel's source); on a tiny model whose head is wider than its tokenizer the stand-in answers as
+    ExLlamaV2 would, and the stores agree with the transformers engine's. ``max_input_len`` 16
+    makes the library feed prompts in chunks."""
+    from helpers.backends import exllamav2_engine
+
+    model, tok = models.load_model(wide_dir, dtype="fp32")
+    model = _fp16_head(model)
+    monkeypatch.setitem(sys.modules, "exllamav2", _stand_in_exllamav2(model))
+    monkeypatch.setattr(exllamav2_engine, "need_cuda", lambda *a: None)
+    options = dict(options)
+    chunk = options.pop("max_input_len", None)
+    engine = backends.open_backend("exllamav2", wide_dir, options=options)
+    assert engine.model.config._compat and engine.vocab_size == len(tok) + 7
+    if chunk:
+        engine.model.config.max_input_len = chunk
+    prompts, texts = _problems(tok, 3)
+    _same_stores(engine, TransformersEngine(model, tok), prompts, texts)
+    with pytest.raises(ValueError, match="does not fit exllamav2's cache of .* raise the exllamav2 option max_seq_len"):
+        engine.generate([[1] * 1000], k=4, max_new_tokens=100)
+    engine.close()
+    assert not engine.model.loaded and engine.cache is None
+
+
+@pytest.mark.parametrize("options", [{}, {"gpu_split": [20], "cache_bits": 4, "max_chunk_size": 16},
+                                     {"max_seq_len": 700, "max_chunk_size": 7}], ids=["autosplit", "split-q4-chunked",
+                                                                                      "rounded-chunked"])
+@pytest.mark.parametrize("recurrent", [False, True], ids=["attention", "recurrent"])
+def test_the_exllamav3_engine_speaks_exllamav3s_recorded_interface(wide_dir, monkeypatch, options, recurrent):
+    """As for ExLlamaV2, against ExLlamaV3 1.6.5 (``tests/data/exllamav3_1.6.5_api.json``): the
+    calls, their keywords and the ``params`` keys of each pass. The engine feeds ``max_chunk_size``
+    tokens a pass (the library does not split a pass), rounds the cache to whole pages, and, for a
+    model with recurrent layers, gives each sequence's states back to the pool of one slot."""
+    from helpers.backends import exllamav3_engine
+
+    model, tok = models.load_model(wide_dir, dtype="fp32")
+    model = _fp16_head(model)
+    exllamav3, constants = _stand_in_exllamav3(model, recurrent=recurrent)
+    monkeypatch.setitem(sys.modules, "exllamav3", exllamav3)
+    monkeypatch.setitem(sys.modules, "exllamav3.constants", constants)
+    monkeypatch.setattr(exllamav3_engine, "need_cuda", lambda *a: None)
+    engine = backends.open_backend("exllamav3", wide_dir, options=options)
+    length = 768 if "max_seq_len" in options else 1024  # whole pages of 256
+    assert engine.max_seq_len == engine.cache.max_num_tokens == length and engine.vocab_size == len(tok) + 7
+    assert engine.model._load["max_output_size"] == engine.chunk_size == options.get("max_chunk_size", 2048)
+    prompts, texts = _problems(tok, 3)
+    _same_stores(engine, TransformersEngine(model, tok), prompts, texts)
+    with pytest.raises(ValueError, match=f"does not fit exllamav3's cache of {length} tokens"):
+        engine.score([[1] * 1000], [[2] * 30], k=4)
+    cache = engine.cache
+    engine.close()
+    assert not cache.initialized and engine.cache is None and len(cache.free_list) == 1  # the states went back
+
+
+@pytest.mark.parametrize("lib,key,name,options", [
+    ("exllamav2", "ExLlamaV2.forward", "last_id_only", {}),
+    ("exllamav2", "ExLlamaV2Cache.__init__", "lazy", {}),
+    ("exllamav2", "ExLlamaV2.load_autosplit", "progress", {}),
+    ("exllamav2", "ExLlamaV2.load", "gpu_split", {"gpu_split": [20]}),
+    ("exllamav2", "ExLlamaV2Cache_Q4.__init__", "max_seq_len", {"cache_bits": 4}),
+    ("exllamav3", "Model.load_gen", "progressbar", {}),
+    ("exllamav3", "Model.load_gen", "use_per_device", {"gpu_split": [20]}),
+    ("exllamav3", "Cache.__init__", "max_num_tokens", {}),
+    ("exllamav3", "Model.forward params keys", "last_tokens_only", {}),
+    ("exllamav3", "Model.forward params keys", "past_len", {}),
+    ("exllamav3", "CacheLayer_quant.__init__", "k_bits", {"cache_bits": 4})],
+    ids=lambda v: v if isinstance(v, str) else None)
+def test_a_name_the_library_renamed_fails_the_contract_test(wide_dir, monkeypatch, lib, key, name, options):
+    """The stand-ins are built from the record: were a name the engine uses renamed there (as a new
+    release of the library would), the engine's calls fail, so the record is what holds the engine."""
+    import copy
+
+    from helpers.backends import exllamav2_engine, exllamav3_engine
+
+    model, tok = models.load_model(wide_dir, dtype="fp32")
+    api = copy.deepcopy(EXL2_API if lib == "exllamav2" else EXL3_API)
+    api[key] = [n + "_renamed" if n == name else n for n in api[key]]
+    if f"{key} defaults" in api and name in api[f"{key} defaults"]:
+        api[f"{key} defaults"][f"{name}_renamed"] = api[f"{key} defaults"].pop(name)
+    if lib == "exllamav2":
+        monkeypatch.setitem(sys.modules, "exllamav2", _stand_in_exllamav2(model, api))
+        monkeypatch.setattr(exllamav2_engine, "need_cuda", lambda *a: None)
+    else:
+        exllamav3, constants = _stand_in_exllamav3(model, api)
+        monkeypatch.setitem(sys.modules, "exllamav3", exllamav3)
+        monkeypatch.setitem(sys.modules, "exllamav3.constants", constants)
+        monkeypatch.setattr(exllamav3_engine, "need_cuda", lambda *a: None)
+    prompts, texts = _problems(tok, 1)
+    with pytest.raises((TypeError, AttributeError), match=name):  # the name, or its renamed form, in the message
+        engine = backends.open_backend(lib, wide_dir, options=options)
+        engine.generate(prompts, k=4, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("name,extra", [("exllamav2", "exl2"), ("exllamav3", "exl3")])
+def test_the_exllama_engines_need_cuda_before_they_import_or_read_anything(tmp_path, monkeypatch, name, extra):
+    """Without CUDA: the one line of ``need_cuda``, before the library is imported and before the
+    teacher's folder is looked at (here it does not exist)."""
+    tried = []
+
+    class Watch:
+        @staticmethod
+        def find_spec(fullname, path=None, target=None):
+            tried.append(fullname)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "meta_path", [Watch(), *sys.meta_path])
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    with pytest.raises(RuntimeError, match=rf"^teacher_backend '{name}' needs a CUDA GPU, and this machine has none "
+                                           rf".*pip install -e \.\[{extra}\]`$"):
+        backends.open_backend(name, str(tmp_path / "no-such-teacher"))
+    assert name not in tried
+
+
+def test_the_exllama_engines_read_local_folders_and_refuse_a_tokenizer_larger_than_the_model(tiny_dir, monkeypatch):
+    from helpers.backends import exllamav2_engine, exllamav3_engine
+    from helpers.backends.exllamav2_engine import ExLlamaV2Engine
+
+    for module, name in ((exllamav2_engine, "exllamav2"), (exllamav3_engine, "exllamav3")):
+        monkeypatch.setattr(module, "need_cuda", lambda *a: None)
+        with pytest.raises(ValueError, match=rf"'{name}' reads a local model folder with its config.json; "
+                                             r"'meta-llama/Llama-3.1-8B' is not one"):
+            backends.open_backend(name, "meta-llama/Llama-3.1-8B")
+    model, tok = models.load_model(tiny_dir, dtype="fp32")
+    with pytest.raises(ValueError, match=r"has 100 token ids but its tokenizer has \d+: they do not belong together"):
+        ExLlamaV2Engine(None, None, tok, vocab_size=100)

@@ -9,6 +9,7 @@
 | ``vllm`` | CUDA, one or several GPUs or nodes | ``pip install -e .[vllm]`` | a hub model in-process, or an OpenAI-compatible vLLM server (``url``) |
 | ``openai`` | wherever the server runs | (nothing: the standard library) | any model behind an OpenAI-compatible completions server: ``vllm serve``, SGLang, ``python -m llama_cpp.server`` (``url``) |
 | ``exllamav2`` | CUDA | ``pip install -e .[exl2]`` | EXL2/GPTQ-quantised folders (the study's 405B at 6 bpw) |
+| ``exllamav3`` | CUDA | ``pip install -e .[exl3]`` | EXL3-quantised folders (ExLlamaV2's maintained successor) |
 
 Every engine works on token ids produced by the teacher's ``transformers`` tokenizer (``.tokenizer``):
 that tokenizer renders the prompts, fingerprints the store and decodes responses, so a store does
@@ -44,6 +45,8 @@ def open_backend(name: str, teacher: str, *, dtype: str = "auto", device: str = 
         from .openai_engine import OpenAIEngine as engine
     elif name == "exllamav2":
         from .exllamav2_engine import ExLlamaV2Engine as engine
+    elif name == "exllamav3":
+        from .exllamav3_engine import ExLlamaV3Engine as engine
     else:
         raise ValueError(f"unknown teacher_backend {name!r}; choose one of {', '.join(BACKENDS)}")
     return engine.open(teacher, dtype=dtype, device=device, **options)
