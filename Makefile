@@ -10,7 +10,7 @@ TORCH  ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
 STAMP  := $(VENV)/.installed
 NPROC  := $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: setup run test bench lab clean
+.PHONY: setup run test bench lab clean gpu-check
 
 setup: $(STAMP)
 
@@ -40,6 +40,12 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m helpers.bench
+
+# The checks that need a CUDA GPU, in one command and under 8 minutes on one H100 (scripts/gpu_check.py):
+# no setup first and nothing installed, so it runs on a box without network; report in logs/gpu-check/.
+# Options through ARGS, e.g. make gpu-check ARGS=--dry-run
+gpu-check:
+	scripts/gpu-check $(ARGS)
 
 lab: $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[lab]"
