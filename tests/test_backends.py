@@ -86,10 +86,11 @@ def unnamed(row: dict, ids) -> dict:
     return out
 
 
-def conform(engine, reference, tol: Tolerance, *, k=8, max_new_tokens=24, unnameable=()):
-    """``engine`` against ``reference`` (a TransformersEngine) on the same token ids; returns the
-    measured differences. ``unnameable``: ids the engine cannot name (``unnamed``)."""
-    prompts, texts = _problems(reference.tokenizer)
+def conform(engine, reference, tol: Tolerance, *, k=8, max_new_tokens=24, unnameable=(), n=6):
+    """``engine`` against ``reference`` (a TransformersEngine) on the same token ids (``n`` problems
+    scored, the first 3 written); returns the measured differences. ``unnameable``: ids the engine
+    cannot name (``unnamed``)."""
+    prompts, texts = _problems(reference.tokenizer, n)
     got, want = engine.score(prompts, texts, k=k), reference.score(prompts, texts, k=k)
     if len(unnameable):
         want = [unnamed(w, unnameable) for w in want]

@@ -80,7 +80,8 @@ def test_a_llama_cpp_server_conforms_to_transformers(server):
     reference = backends.open_backend("transformers", "smollm2-135m-instruct", dtype="fp32")
     # ids no piece names (special tokens, partial UTF-8 bytes) have their mass in the tail unless
     # read or written; everything else is held to the llama_cpp engine's tolerance
-    measured = conform(engine, reference, GGUF_Q4, max_new_tokens=32, unnameable=engine.unnameable())
+    # 4 problems scored (the server ranks the whole vocabulary in Python at every echoed token)
+    measured = conform(engine, reference, GGUF_Q4, max_new_tokens=32, unnameable=engine.unnameable(), n=4)
     assert measured["greedy_tokens_agreed"] >= 24
 
 

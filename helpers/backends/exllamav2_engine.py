@@ -59,7 +59,11 @@ CACHES = {16: "ExLlamaV2Cache", 8: "ExLlamaV2Cache_Q8", 6: "ExLlamaV2Cache_Q6", 
 
 
 def model_folder(teacher: str, backend: str) -> str:
-    """The local folder ``teacher`` names (ExLlama reads folders, not hub ids), or one line saying so."""
+    """The local folder ``teacher`` names (ExLlama reads folders, not hub ids; an embedded name is its
+    cached copy), or one line saying so."""
+    from ..models import resolve
+
+    teacher = resolve(teacher)
     if not (Path(teacher) / "config.json").is_file():
         raise ValueError(f"teacher_backend {backend!r} reads a local model folder with its config.json; {teacher!r} "
                          "is not one (download it first, e.g. `huggingface-cli download <repo> --local-dir <folder>`)")
