@@ -5,6 +5,7 @@ import math
 import pytest
 
 from helpers import bench
+from helpers.bench.fusion import _edit_distance
 
 
 def test_bench_writes_its_figures(tiny_dir, tmp_path):
@@ -94,7 +95,7 @@ def _is_warping_path(path, n, m):
 
 
 def test_dtw_reference_pairs_tokens_by_their_strings():
-    assert bench._edit_distance("kitten", "sitting") == 3 and bench._edit_distance("", "abc") == 3
+    assert _edit_distance("kitten", "sitting") == 3 and _edit_distance("", "abc") == 3
     same = ["ĠThe", "Ġanswer", "Ġis", "Ġ", "7"]
     assert bench.dtw_reference(same, same) == [(k, k) for k in range(5)]
     # whitespace markers are stripped: "Ġcat" pairs with "▁c" and then "at"

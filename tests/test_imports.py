@@ -76,3 +76,27 @@ def test_the_ground_imports_no_capability():
     graph = import_graph()
     for module in GROUND:
         assert graph[module] <= GROUND | {"helpers"}, (module, graph[module] - GROUND)
+
+
+def test_co_llm_and_the_benchmark_read_one_way_inside():
+    graph = import_graph()
+
+    def inside(module, package):
+        return {t for t in graph[module] if t.startswith(package + ".")}
+
+    # Co-LLM: head <- train <- threshold <- decode; report stands alone
+    below = {"head": set(), "train": {"head"}, "threshold": {"head", "train"},
+             "decode": {"head", "train", "threshold"}, "report": set()}
+    assert {m for m in graph if m.startswith("helpers.collm.")} == {f"helpers.collm.{m}" for m in below}
+    for module, allowed in below.items():
+        assert inside(f"helpers.collm.{module}", "helpers.collm") <= {f"helpers.collm.{m}" for m in allowed}, module
+    # the benchmark: each capability's entries use only ``common``, the runner uses the entries, and
+    # nothing outside the benchmark imports it
+    bench = {m for m in graph if m.startswith("helpers.bench.")}
+    assert {"helpers.bench.runner", "helpers.bench.common", "helpers.bench.__main__"} < bench
+    for module in bench - {"helpers.bench.runner", "helpers.bench.__main__"}:
+        assert inside(module, "helpers.bench") <= {"helpers.bench.common"}, module
+    assert inside("helpers.bench.__main__", "helpers.bench") == {"helpers.bench.runner"}
+    outside = {m: t for m, ts in graph.items() if not m.startswith("helpers.bench") for t in ts
+               if t == "helpers.bench" or t.startswith("helpers.bench.")}
+    assert outside == {}
