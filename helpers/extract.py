@@ -56,7 +56,8 @@ within each rule:
                        in total/all/the end/conclusion, or holding a ", so"
                        clause (not "so that", "so far"); its last number
                        (parenthesised working left out) must be followed by at
-                       most four words before the sentence ends ("So, Emma has
+                       most eight words, none of them a verb such as is, are,
+                       has, will, before the sentence ends ("So, Emma has
                        8 - 7 = 1 coin left.", "..., so she has 25 books now.").
                        A later sentence whose last number is an "=" result
                        with units ("= 138 flowers.") cancels it.  The rule
@@ -250,7 +251,10 @@ _NOT_UNITS = re.compile(r"\b(?:of|more|less|fewer|than|times|or|to|and|the|a|an|
 _SENTENCE = re.compile(r"[^\n]+?(?:[.!?](?=\s)|$)", re.MULTILINE)
 _RESULT = re.compile(r"=[ \t$]*$")
 _PARENTHESES = re.compile(r"\([^()\n]*\)")
-_CONCLUSION_TAIL = re.compile(r"[ \t]*(?:[A-Za-z]+(?:['\u2019][A-Za-z]+)?[ \t,]*){0,4}[.!*_ \t]*")
+_CONCLUSION_TAIL = re.compile(r"[ \t]*(?:[A-Za-z]+(?:['\u2019][A-Za-z]+)?[ \t,]*){0,8}[.!*_ \t]*")
+_CLAUSE_VERB = re.compile(  # a tail with its own verb is a new clause, not the value's units
+    r"\b(?:is|are|was|were|will|would|can|could|has|have|had|do|does|did)\b", re.IGNORECASE
+)
 # An invented problem without a heading: a paragraph that sets up numbers and ends on a question.
 _PARAGRAPH_START = re.compile(r"(?:\n[ \t]*\n|^[^\n]*#{4}[^\n]*\n)[ \t]*(?=\S)", re.MULTILINE)
 _QUESTION = re.compile(r"\s*(?:how|what|who|which|when|find|calculate|determine|if)\b", re.IGNORECASE)
@@ -532,11 +536,12 @@ def _conclusion_value(text: str) -> float | None:
         concluding = _CONCLUDING.search(s)
         s = _PARENTHESES.sub(" ", s[concluding.start():] if concluding else s)
         nums = list(_NUM.finditer(s))
-        if not nums or not _CONCLUSION_TAIL.fullmatch(s[nums[-1].end():]):
+        tail = s[nums[-1].end():] if nums else ""
+        if not nums or not _CONCLUSION_TAIL.fullmatch(tail) or _CLAUSE_VERB.search(tail):
             continue
         if concluding:
             found = _to_float(nums[-1])
-        elif _RESULT.search(s[:nums[-1].start()]) and re.search(r"[A-Za-z]", s[nums[-1].end():]):
+        elif _RESULT.search(s[:nums[-1].start()]) and re.search(r"[A-Za-z]", tail):
             found = None  # a later result with units ("= 138 flowers") supersedes it
     return found
 

@@ -949,6 +949,9 @@ def test_robust_conclusion_before_trailing_working(text, expected):
         ("So, he has 54 - 2 = 52 flowers.\nThe total now is 52 + 38 = 90 flowers.", 90.0),
         # a conclusion that is the last number is a plain last-number read
         ("Jonas has 57 coins and gets 8, so he has 65 coins now.", 65.0),
+        # up to eight words of units may follow the value
+        ("So, the total is 31 * 4 = 124 blocks.\n\nThe number of white ones is 124 / 31 = 4.\n\n"
+         "So, there are 4 white blocks in the whole building.", 4.0),
         # no concluding word: a final bare computation stays the answer
         ("She sells 16 - 3 - 4 = 9 eggs.\n9 * 2 = 18", 18.0),
         # "so that" / "so far" do not conclude
