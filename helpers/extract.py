@@ -113,7 +113,9 @@ Truncation (robust) cuts at the earliest marker that comes after some number
   up at least one number and end the line on a question opening with how,
   what, who, which, when, find, calculate, determine or if ("Tom has 4 pens.
   He buys 6 more. How many pens does he have?").  A question answered on its
-  own line, or posed before any answer, is no cut.
+  own line, or posed before any answer, or in a paragraph that opens by
+  re-reading or working on the problem (wait, let's, check, recall, so, now,
+  first, step, we, "the question", ...) is no cut.
 
 ``needs_review`` is True when nothing was found, or when the explicit rules
 (seed: boxed, answer_phrase; robust: asked_question, boxed, hashes,
@@ -258,6 +260,11 @@ _CLAUSE_VERB = re.compile(  # a tail with its own verb is a new clause, not the 
 # An invented problem without a heading: a paragraph that sets up numbers and ends on a question.
 _PARAGRAPH_START = re.compile(r"(?:\n[ \t]*\n|^[^\n]*#{4}[^\n]*\n)[ \t]*(?=\S)", re.MULTILINE)
 _QUESTION = re.compile(r"\s*(?:how|what|who|which|when|find|calculate|determine|if)\b", re.IGNORECASE)
+_WORKING = re.compile(  # a paragraph opening like this re-reads the asked problem or works on it
+    r"[#*>_ \t-]*(?:wait|let|let['\u2019]s|check|checking|recall|remember|re-?read\w*|but|hmm|so|now|first|step"
+    r"|we|to|the[ \t]+(?:question|problem)|in[ \t]+the[ \t]+(?:question|problem))\b",
+    re.IGNORECASE,
+)
 _PARAGRAPH_CHARS = 1000  # how far an invented problem's paragraph is read
 
 
@@ -486,7 +493,7 @@ def _posed_problem(text: str, after: int) -> int | None:
     for start in _PARAGRAPH_START.finditer(text, after):
         paragraph = re.split(r"\n[ \t]*\n", text[start.end():start.end() + _PARAGRAPH_CHARS], maxsplit=1)[0]
         ask = paragraph.find("?")
-        if ask < 0 or not re.match(r"[ \t]*(?:\n|$)", paragraph[ask + 1:]):
+        if ask < 0 or not re.match(r"[ \t]*(?:\n|$)", paragraph[ask + 1:]) or _WORKING.match(paragraph):
             continue
         sentences = list(_SENTENCE_END.finditer(paragraph, 0, ask))
         setup = paragraph[:sentences[-1].end()] if sentences else ""

@@ -1045,6 +1045,8 @@ def test_robust_cuts_invented_problem_without_title(text, expected):
         ("Step 1: 5 apples.\n\nHow many are left? 5 - 2 = 3.", 3.0),  # its own question, answered on the line
         ("Janet has 16 eggs. How many does she sell?\n\nShe sells 16 - 3 = 13.", 13.0),  # a restated problem
         ("She has 5 apples.\n\nShe gives 2 away. How many are left?\n\nShe has 5 - 2 = 3 left.", 3.0),  # no answer yet
+        ("The answer is 5.\n\nWait, let me re-read. Janet has 16 eggs and eats 3. How many are left?\n"
+         "16 - 3 = 13. The answer is 13.", 13.0),  # re-reading the problem
     ],
 )
 def test_robust_keeps_questions_that_are_part_of_the_solution(text, expected):
