@@ -60,7 +60,10 @@ within each rule:
                        has, will, before the sentence ends ("So, Emma has
                        8 - 7 = 1 coin left.", "..., so she has 25 books now.").
                        A later sentence whose last number is an "=" result
-                       with units ("= 138 flowers.") cancels it.  The rule
+                       with units or ``$`` ("= 138 flowers.", "= $18."), or
+                       with at most five words before it ("She makes 9 * 2 =
+                       18."), cancels it; a remark such as "This is a classic
+                       example of a simple equation: 10 + 1 = 11." does not.  The rule
                        counts only when it differs from the last number (text
                        that goes on past its conclusion with more working or
                        remarks); it is then always marked ``needs_review``.
@@ -252,6 +255,7 @@ _AFTER_WORDS = re.compile(r"[ \t]*(?:[A-Za-z]+[ \t]*){0,3}[*_ \t]*")
 _NOT_UNITS = re.compile(r"\b(?:of|more|less|fewer|than|times|or|to|and|the|a|an|each|per|other)\b", re.I)
 _SENTENCE = re.compile(r"[^\n]+?(?:[.!?](?=\s)|$)", re.MULTILINE)
 _RESULT = re.compile(r"=[ \t$]*$")
+_RESULT_LEAD_WORDS = 5  # a later "=" result led by this few words is working, not a remark
 _PARENTHESES = re.compile(r"\([^()\n]*\)")
 _CONCLUSION_TAIL = re.compile(r"[ \t]*(?:[A-Za-z]+(?:['\u2019][A-Za-z]+)?[ \t,]*){0,8}[.!*_ \t]*")
 _CLAUSE_VERB = re.compile(  # a tail with its own verb is a new clause, not the value's units
@@ -548,8 +552,10 @@ def _conclusion_value(text: str) -> float | None:
             continue
         if concluding:
             found = _to_float(nums[-1])
-        elif _RESULT.search(s[:nums[-1].start()]) and re.search(r"[A-Za-z]", tail):
-            found = None  # a later result with units ("= 138 flowers") supersedes it
+        elif _RESULT.search(s[:nums[-1].start()]) and (
+                re.search(r"[A-Za-z$]", tail + (nums[-1]["prefix"] or ""))
+                or len(_WORD.findall(s[:nums[-1].start()])) <= _RESULT_LEAD_WORDS):
+            found = None  # a later result supersedes it: "= 138 flowers", "= $18", "She makes 9 * 2 = 18."
     return found
 
 

@@ -934,6 +934,7 @@ def test_robust_stays_fast_on_long_repetitive_text():
         ("So, she has 4 * 5 + 8 = 28 coins in total.\n\nSo 4 * 5 = 20 coins are in each box, and 20 * 8 = 160 coins "
          "are in each loose coin.", 28.0),
         ("Therefore, Sam buys 12 pencils (3 bags of 4).\nA bag usually holds 6.", 12.0),
+        ("So, Grace gets 45 - 33 = 12 shells.\n\nThis is a classic example of a simple equation: 12 + 1 = 13.", 12.0),
     ],
 )
 def test_robust_conclusion_before_trailing_working(text, expected):
@@ -952,6 +953,10 @@ def test_robust_conclusion_before_trailing_working(text, expected):
         # up to eight words of units may follow the value
         ("So, the total is 31 * 4 = 124 blocks.\n\nThe number of white ones is 124 / 31 = 4.\n\n"
          "So, there are 4 white blocks in the whole building.", 4.0),
+        # a later result with "$" or led by few words supersedes the conclusion
+        ("So, she has 16 - 3 - 4 = 9 eggs left.\nShe makes 9 * 2 = 18.", 18.0),
+        ("So, she has 16 - 3 - 4 = 9 eggs left.\nHer daily earnings from selling them are 9 * 2 = $18.", 18.0),
+        ("So, she has 16 - 3 - 4 = 9 eggs left.\n9 * 2 = 18", 18.0),
         # no concluding word: a final bare computation stays the answer
         ("She sells 16 - 3 - 4 = 9 eggs.\n9 * 2 = 18", 18.0),
         # "so that" / "so far" do not conclude
