@@ -247,7 +247,8 @@ _WORD_NUMBER = re.compile(
 )
 # A concluding sentence: it opens with a concluding word, or has a ", so ..." clause.
 _CONCLUDING = re.compile(
-    r"^[#*>_ \t-]*(?:so|therefore|thus|hence|altogether|overall|finally|in[ \t]+(?:total|all|the[ \t]+end|conclusion))\b"
+    r"^[#*>_ \t-]*(?:so|therefore|thus|hence|altogether|overall|finally"
+    r"|in[ \t]+(?:total|all|the[ \t]+end|conclusion))\b"
     r"|[,;][ \t]+so\b(?![ \t]+(?:that|far)\b)",
     re.IGNORECASE,
 )

@@ -4,8 +4,6 @@ import json
 import math
 from pathlib import Path
 
-import pytest
-
 from helpers.extract import extract_details
 
 DATA = Path(__file__).parent / "data" / "extraction_labelled.jsonl"
@@ -58,7 +56,7 @@ def test_robust_flags_or_abstains_without_a_stated_answer():
                                        + "\n".join(_show(r, d) for r, d in misses))
 
 
-@pytest.mark.parametrize("mode", ["seed"])
-def test_seed_mode_matches_recorded_outputs(mode):
-    changed = [(r, d) for r in _rows() if (d := extract_details(r["response"], mode)).value != r["seed"]]
-    assert not changed, "seed mode changed on:\n" + "\n".join(f"{r['id']}: {r['seed']} -> {d.value}" for r, d in changed)
+def test_seed_mode_matches_recorded_outputs():
+    changed = [(r, d) for r in _rows() if (d := extract_details(r["response"], "seed")).value != r["seed"]]
+    assert not changed, "seed mode changed on:\n" + "\n".join(
+        f"{r['id']}: {r['seed']} -> {d.value}" for r, d in changed)
