@@ -13,10 +13,14 @@ number wins, and every rule is also evaluated to fill ``Extraction.candidates``.
                        then the first number anywhere after it.
 4. ``last_number``   - the number closest to the end of the text.
 
-``mode="robust"`` (default) is case-insensitive.  It first truncates the text
-where the model starts a problem of its own (see "Truncation" below) and
-drops exponents (``^2``, ``^{2}``), so ``48 m^2`` reads as 48.  Then, using
-the LAST statement that yields a number within each rule:
+``mode="robust"`` (default) is case-insensitive.  It first writes magnitudes
+out (thousands separators ``90\\,000``, ``90{,}000``, ``90 000`` with a thin
+or no-break space and ``90'000`` become ``90,000``; a number followed by
+thousand/million/billion or a ``k`` suffix is multiplied: ``$90 thousand``,
+``$90k`` -> 90000), truncates the text where the model starts a problem of its
+own (see "Truncation" below) and drops exponents (``^2``, ``^{2}``), so
+``48 m^2`` reads as 48.  Then, using the LAST statement that yields a number
+within each rule:
 
 1. ``asked_question`` - a sentence that says which value answers the asked
                        question (it settles which of two boxed answers
@@ -47,17 +51,39 @@ the LAST statement that yields a number within each rule:
                        ``=``/``:``.  So ``18``, ``$18.``, ``18 dollars``,
                        ``The total is 18.`` fire; ``Step 1: ...``,
                        ``1. Janet ...`` and ``Janet has 16 eggs.`` do not.
-7. ``last_number``   - the number closest to the end of the truncated text.
+7. ``conclusion``    - the last concluding sentence: one opening with so,
+                       therefore, thus, hence, altogether, overall, finally,
+                       in total/all/the end/conclusion, or holding a ", so"
+                       clause (not "so that", "so far"); its last number
+                       (parenthesised working left out) must be followed by at
+                       most eight words, none of them a verb such as is, are,
+                       has, will, before the sentence ends ("So, Emma has
+                       8 - 7 = 1 coin left.", "..., so she has 25 books now.").
+                       A later sentence whose last number is an "=" result
+                       with units or ``$`` ("= 138 flowers.", "= $18."), or
+                       with at most five words before it ("She makes 9 * 2 =
+                       18."), cancels it; a remark such as "This is a classic
+                       example of a simple equation: 10 + 1 = 11." does not.  The rule
+                       counts only when it differs from the last number (text
+                       that goes on past its conclusion with more working or
+                       remarks); it is then always marked ``needs_review``.
+8. ``last_number``   - the number closest to the end of the truncated text.
 
-A statement reads the first number after its phrase, unless the words before
+A statement whose value is spelled out right after its phrase or label
+("The answer is twelve.", "Answer: forty-two dollars", "one hundred and
+five") reads that value, if at most three words (units; not "of", "more",
+"than", "times", ...) follow it before punctuation.  Otherwise a statement
+reads the first number after its phrase, unless the words before
 that number (at most 4 of them for phrases; LaTeX commands are not words)
 negate, bound or hedge it (not, no, never, either, between, more/less than,
 at least/most, up to, unknown, depends, ...) or name a multiple-choice
 letter: "The answer is (B)" yields nothing, and a letter counts only when
 the number directly follows it ("B) 42" -> 42).  If the number starts an
 arithmetic chain (numbers joined by ``+ - * / x × ÷ · ^ =``, ``\\times``,
-``\\cdot``, ``\\div``, with ``$`` and brackets) that contains ``=``, the
-number after the last ``=`` is read: "5 + 7 = 12" -> 12.  Otherwise two
+``\\cdot``, ``\\div``, with ``$`` and brackets) that contains ``=``, its
+result is read: the last side of an ``=`` that is a single number ("5 + 7 =
+12" -> 12, "12 = 3 * 4" -> 12, "5 + 7 = 12 - 2 = 10" -> 10), or, when no side
+is, the first number after the last ``=``.  Otherwise two
 numbers joined by an unspaced hyphen or dash, an en dash, "to", "or" or
 "and" are a range and yield nothing ("10-20", "10 to 20"); any other chain
 without ``=`` ("9 * 2", "12 - 2") keeps its first number.  A statement that
@@ -84,6 +110,15 @@ Truncation (robust) cuts at the earliest marker that comes after some number
   for you:", "Now, let's look at a similar problem:"; not "This raises
   another question").  A title mid-line (``... dollars. Question: ...``) is
   no cut.
+- an invented problem without a title, once an answer has been stated (a
+  ``####`` line, an answer marker or a concluding sentence before it): a
+  paragraph starting after a blank line or a ``####`` line whose sentences set
+  up at least one number and end the line on a question opening with how,
+  what, who, which, when, find, calculate, determine or if ("Tom has 4 pens.
+  He buys 6 more. How many pens does he have?").  A question answered on its
+  own line, or posed before any answer, or in a paragraph that opens by
+  re-reading or working on the problem (wait, let's, check, recall, so, now,
+  first, step, we, "the question", ...) is no cut.
 
 ``needs_review`` is True when nothing was found, or when the explicit rules
 (seed: boxed, answer_phrase; robust: asked_question, boxed, hashes,
@@ -193,6 +228,50 @@ _WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?")
 _LINK = re.compile(r"\b(?:is|are|was|were|equals?|total|be)\b|[=:]", re.IGNORECASE)
 _AFTER_OK = re.compile(r"[ \t]*(?:[A-Za-z]+(?:'[A-Za-z]+)?[ \t]*){0,3}[.!$* \t]*")
 
+# Thousands written with a LaTeX thin space, "{,}", a Unicode (thin/no-break) space or an
+# apostrophe ("90\,000", "90 000", "90'000"): made plain commas in robust mode.
+_THOUSANDS_SEP = re.compile(r"(?<=\d)(?:\\,|\{,\}|[\u2009\u202f\u00a0'\u2019])(?=\d{3}(?!\d))")
+# A magnitude word or suffix right after a number: "90 thousand", "1.5 million", "$90k".
+_MAGNITUDE = re.compile(
+    r"[ \t]*(?P<word>thousand|million|billion)\b|(?P<suffix>[kK])(?![\w'\u2019])", re.IGNORECASE
+)
+_SCALE = {"thousand": 1e3, "million": 1e6, "billion": 1e9, "k": 1e3}
+# Numbers in words, read only where a statement's value is spelled out ("The answer is twelve").
+_UNITS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+          "fifteen sixteen seventeen eighteen nineteen").split()
+_TENS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
+_NUMBER_WORD = {w: i for i, w in enumerate(_UNITS)} | {w: 10 * (i + 2) for i, w in enumerate(_TENS)}
+_WORD_NUMBER = re.compile(
+    rf"(?:(?:{'|'.join(sorted(_UNITS + _TENS, key=len, reverse=True))}|hundred|thousand|million|and)\b|[ \t-])+",
+    re.IGNORECASE,
+)
+# A concluding sentence: it opens with a concluding word, or has a ", so ..." clause.
+_CONCLUDING = re.compile(
+    r"^[#*>_ \t-]*(?:so|therefore|thus|hence|altogether|overall|finally"
+    r"|in[ \t]+(?:total|all|the[ \t]+end|conclusion))\b"
+    r"|[,;][ \t]+so\b(?![ \t]+(?:that|far)\b)",
+    re.IGNORECASE,
+)
+_AFTER_WORDS = re.compile(r"[ \t]*(?:[A-Za-z]+[ \t]*){0,3}[*_ \t]*")
+_NOT_UNITS = re.compile(r"\b(?:of|more|less|fewer|than|times|or|to|and|the|a|an|each|per|other)\b", re.I)
+_SENTENCE = re.compile(r"[^\n]+?(?:[.!?](?=\s)|$)", re.MULTILINE)
+_RESULT = re.compile(r"=[ \t$]*$")
+_RESULT_LEAD_WORDS = 5  # a later "=" result led by this few words is working, not a remark
+_PARENTHESES = re.compile(r"\([^()\n]*\)")
+_CONCLUSION_TAIL = re.compile(r"[ \t]*(?:[A-Za-z]+(?:['\u2019][A-Za-z]+)?[ \t,]*){0,8}[.!*_ \t]*")
+_CLAUSE_VERB = re.compile(  # a tail with its own verb is a new clause, not the value's units
+    r"\b(?:is|are|was|were|will|would|can|could|has|have|had|do|does|did)\b", re.IGNORECASE
+)
+# An invented problem without a heading: a paragraph that sets up numbers and ends on a question.
+_PARAGRAPH_START = re.compile(r"(?:\n[ \t]*\n|^[^\n]*#{4}[^\n]*\n)[ \t]*(?=\S)", re.MULTILINE)
+_QUESTION = re.compile(r"\s*(?:how|what|who|which|when|find|calculate|determine|if)\b", re.IGNORECASE)
+_WORKING = re.compile(  # a paragraph opening like this re-reads the asked problem or works on it
+    r"[#*>_ \t-]*(?:wait|let|let['\u2019]s|check|checking|recall|remember|re-?read\w*|but|hmm|so|now|first|step"
+    r"|we|to|the[ \t]+(?:question|problem)|in[ \t]+the[ \t]+(?:question|problem))\b",
+    re.IGNORECASE,
+)
+_PARAGRAPH_CHARS = 1000  # how far an invented problem's paragraph is read
+
 
 @dataclass(frozen=True)
 class Extraction:
@@ -222,6 +301,51 @@ def parse_number(token: str) -> float:
 def _first_number(s: str) -> float | None:
     m = _NUM.search(s)
     return _to_float(m) if m else None
+
+
+def _number_text(value: float) -> str:
+    return str(int(value)) if value == int(value) and abs(value) < 1e15 else repr(value)
+
+
+def _normalize(text: str) -> str:
+    """Robust mode's reading of written magnitudes: thousands separators other than a
+    comma become commas, and a number followed by a magnitude word or ``k`` is written
+    out ("90 thousand" -> "90000", "$1.5 million" -> "$1500000", "90\\,000" -> "90,000")."""
+    text = _THOUSANDS_SEP.sub(",", text)
+    out, last = [], 0
+    for m in _NUM.finditer(text):
+        scale = _MAGNITUDE.match(text, m.end())
+        if scale is None or m.group(0).endswith("%"):
+            continue
+        factor = _SCALE[(scale["word"] or scale["suffix"]).lower()]
+        value = float(m.group("body").replace(",", "")) * factor
+        out += [text[last:m.start("body")], _number_text(value)]
+        last = scale.end()
+    return "".join(out) + text[last:]
+
+
+def _words_value(s: str) -> float | None:
+    """The number spelled out at the start of ``s`` ("forty-two", "one hundred and five",
+    "twelve thousand"), or None."""
+    m = _WORD_NUMBER.match(s)
+    total = current = 0
+    end = None
+    for w in re.finditer(r"[a-z]+", m.group(0).lower()) if m else []:
+        word = w.group(0)
+        if word in _NUMBER_WORD:
+            current, end = current + _NUMBER_WORD[word], w.end()
+        elif word == "hundred" and end is not None:
+            current, end = current * 100, w.end()
+        elif word in ("thousand", "million") and end is not None:
+            total, current, end = total + current * _SCALE[word], 0, w.end()
+        elif word != "and" or end is None:
+            break
+    if end is None:
+        return None
+    tail = re.split(r"[.!?;,:(\n]", s[end:], maxsplit=1)[0]  # units at most: "twelve dollars."
+    if not _AFTER_WORDS.fullmatch(tail) or _NOT_UNITS.search(tail):
+        return None
+    return float(total + current)
 
 
 def _same(a: float, b: float) -> bool:
@@ -282,6 +406,11 @@ def _statements(pattern: re.Pattern, text: str):
 def _statement_value(s: str, max_words: int | None = None) -> float | None:
     """The value a statement gives (module docs), or None."""
     nums = list(_NUM.finditer(s))
+    lead = re.match(r"[\s:*_$]*", s).end()
+    if not nums or nums[0].start() > lead:  # a value in words opens the statement: "is twelve"
+        spelled = _words_value(s[lead:])
+        if spelled is not None:
+            return spelled
     if not nums or not _plain_lead(s[:nums[0].start()], max_words):
         return None
     return _chain_value(s, nums)
@@ -298,16 +427,19 @@ def _plain_lead(lead: str, max_words: int | None) -> bool:
 def _chain_value(s: str, nums: list[re.Match]) -> float | None:
     """The first number, or the result after the last "=" of the arithmetic
     chain it starts ("3 × $4 = $12" -> 12); None for a range ("10-20")."""
-    result, prev = None, nums[0]
+    segments, prev, equals = [[nums[0]]], nums[0], False
     for m in nums[1:]:
         gap = s[prev.end():m.start()].replace("**", "").replace("\\$", "")
         if not _CHAIN_GAP.fullmatch(gap):
             break
         if "=" in gap:
-            result = m
+            equals = True
+            segments.append([])
+        segments[-1].append(m)
         prev = m
-    if result is not None:
-        return _to_float(result)
+    if equals:  # the result: the last side of an "=" that is one number ("12 = 3 * 4" -> 12)
+        singles = [seg[0] for seg in segments if len(seg) == 1]
+        return _to_float(singles[-1] if singles else segments[-1][0])
     if len(nums) > 1 and _RANGE_GAP.fullmatch(s[nums[0].end():nums[1].start()]):
         return None
     return _to_float(nums[0])
@@ -353,7 +485,29 @@ def _truncate(text: str) -> str:
         return text
     cuts = (p.search(text, first_number.end()) for p in (_NEW_TITLE, _NEW_SENTENCE))
     starts = [m.start() for m in cuts if m]
+    posed = _posed_problem(text, first_number.end())
+    if posed is not None:
+        starts.append(posed)
     return text[:min(starts)] if starts else text
+
+
+def _posed_problem(text: str, after: int) -> int | None:
+    """Start of the first paragraph (after a blank line or a ``####`` line) that poses a
+    problem of the model's own without a title: it sets up numbers in a sentence and ends
+    its line on a question ("Tom has 5 apples. He buys 3 more. How many ...?")."""
+    for start in _PARAGRAPH_START.finditer(text, after):
+        paragraph = re.split(r"\n[ \t]*\n", text[start.end():start.end() + _PARAGRAPH_CHARS], maxsplit=1)[0]
+        ask = paragraph.find("?")
+        if ask < 0 or not re.match(r"[ \t]*(?:\n|$)", paragraph[ask + 1:]) or _WORKING.match(paragraph):
+            continue
+        sentences = list(_SENTENCE_END.finditer(paragraph, 0, ask))
+        setup = paragraph[:sentences[-1].end()] if sentences else ""
+        if not (_NUM.search(setup) and _QUESTION.match(paragraph, sentences[-1].end() if sentences else 0)):
+            continue
+        before = text[:start.end()]  # only once the response has stated an answer
+        if _HASHES.search(before) or any(p.search(before) for p in _MARKERS) or _conclusion_value(before) is not None:
+            return start.end()
+    return None
 
 
 def _first_line(text: str) -> str:
@@ -384,6 +538,28 @@ def _robust_first_line(text: str) -> float | None:
     return _to_float(nums[0])
 
 
+def _conclusion_value(text: str) -> float | None:
+    """The value of the last concluding sentence ("So, she has 8 - 2 = 6 coins left.",
+    "..., so he has 22 books now."): its last number (parenthesised working left out, the
+    result of an "=" chain), followed by at most four words before the sentence ends."""
+    found = None
+    for sentence in _SENTENCE.finditer(text):
+        s = sentence.group(0)
+        concluding = _CONCLUDING.search(s)
+        s = _PARENTHESES.sub(" ", s[concluding.start():] if concluding else s)
+        nums = list(_NUM.finditer(s))
+        tail = s[nums[-1].end():] if nums else ""
+        if not nums or not _CONCLUSION_TAIL.fullmatch(tail) or _CLAUSE_VERB.search(tail):
+            continue
+        if concluding:
+            found = _to_float(nums[-1])
+        elif _RESULT.search(s[:nums[-1].start()]) and (
+                re.search(r"[A-Za-z$]", tail + (nums[-1]["prefix"] or ""))
+                or len(_WORD.findall(s[:nums[-1].start()])) <= _RESULT_LEAD_WORDS):
+            found = None  # a later result supersedes it: "= 138 flowers", "= $18", "She makes 9 * 2 = 18."
+    return found
+
+
 def _seed_rules(text: str) -> dict[str, float | None]:
     boxes = _boxed_contents(text)
     phrase = _PHRASE_SEED.search(text)
@@ -399,9 +575,12 @@ def _seed_rules(text: str) -> dict[str, float | None]:
 def _robust_rules(text: str) -> tuple[dict[str, float | None], bool]:
     """Every rule's value, and whether the text has an answer marker at all
     (so a marker that yields no number is not mistaken for plain reasoning)."""
-    text = _EXPONENT.sub(" ", _truncate(text))
+    text = _EXPONENT.sub(" ", _truncate(_normalize(text)))
     hashes = (_NUM.match(text, m.end()) for m in _HASHES.finditer(text))
     last = list(_NUM.finditer(text))
+    conclusion = _conclusion_value(text)
+    if conclusion is not None and last and _same(conclusion, _to_float(last[-1])):
+        conclusion = None  # the text ends on its conclusion: a plain last-number read
     results = {
         "asked_question": _asked_value(text),
         "boxed": _last_hit(_boxed_value(c) for c in _boxed_contents(text)),
@@ -409,6 +588,7 @@ def _robust_rules(text: str) -> tuple[dict[str, float | None], bool]:
         "answer_label": _last_hit(_label_value(s) for _, s in _statements(_LABEL, text)),
         "answer_phrase": _phrase_value(text),
         "first_line": _robust_first_line(text),
+        "conclusion": conclusion,
         "last_number": _to_float(last[-1]) if last else None,
     }
     return results, any(p.search(text) for p in _MARKERS)
@@ -433,7 +613,8 @@ def extract_details(text: str, mode: str = "robust") -> Extraction:
     explicit = [candidates[r] for r in _EXPLICIT[mode] if r in candidates]
     disagree = any(not _same(a, b) for a in explicit for b in explicit)
     unread = marked and not explicit
-    return Extraction(value, rule, candidates, value is None or disagree or unread)
+    # a conclusion that is not the text's last number is read, but always shown to a human
+    return Extraction(value, rule, candidates, value is None or disagree or unread or rule == "conclusion")
 
 
 def extract_answer(text: str, mode: str = "robust") -> float | None:

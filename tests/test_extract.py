@@ -203,7 +203,7 @@ def test_boxed_braces_must_balance(mode):
 
 
 def test_robust_label_without_number_does_not_fire():
-    text = "Compute 16 - 3 - 4 = 9.\nAnswer: 9 * 2\nFinal Answer: eighteen dollars"
+    text = "Compute 16 - 3 - 4 = 9.\nAnswer: 9 * 2\nFinal Answer: many dollars"
     d = extract_details(text)
     assert (d.value, d.rule) == (9.0, "answer_label")
     d = extract_details("We get 18 in the end.\n**Final Answer:**\n")
@@ -644,7 +644,7 @@ def test_robust_phrase_without_value_flags_review(text, value, rule, seed):
         ("The answer is A total of 18 eggs.", 18.0),  # "A" before a word is the article
         ("The answer is 18 (16 - 3 - 4 = 9 eggs, times 2).", 18.0),  # a bracket after it is no chain
         ("The answer is 18. 16 - 3 - 4 = 9", 18.0),  # a sentence end stops the chain
-        ("The answer is six dollars, as we can check: 6 + 0 = 6", None),  # 6 words: too far
+        ("The answer is about six dollars, as we can check: 6 + 0 = 6", None),  # 7 words: too far
     ],
 )
 def test_robust_phrase_decisions(text, expected):
@@ -914,6 +914,155 @@ def test_robust_stays_fast_on_long_repetitive_text():
         "x. Answer: " * 5000,
         " " * 50000 + "7",
     ]
+    start = time.perf_counter()
+    for text in texts:
+        extract_details(text)
+    assert time.perf_counter() - start < 5.0
+
+
+# --------------------------------------------------------------------------
+# robust: rules for the misses seen on real responses (tests/data/extraction_labelled.jsonl)
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        # a concluding sentence, then remarks that end on another number
+        ("So, Emma has 8 - 7 = 1 coin left.\n\nThis is a simple equation: 6 + 2 = 8, the same as 2 times 4.", 1.0),
+        ("She had 21 books and got 4 more, so she has 25 books now.\n\nThe number grows by 1 each time.", 25.0),
+        ("So, she has 4 * 5 + 8 = 28 coins in total.\n\nSo 4 * 5 = 20 coins are in each box, and 20 * 8 = 160 coins "
+         "are in each loose coin.", 28.0),
+        ("Therefore, Sam buys 12 pencils (3 bags of 4).\nA bag usually holds 6.", 12.0),
+        ("So, Grace gets 45 - 33 = 12 shells.\n\nThis is a classic example of a simple equation: 12 + 1 = 13.", 12.0),
+    ],
+)
+def test_robust_conclusion_before_trailing_working(text, expected):
+    d = extract_details(text, "robust")
+    assert (d.value, d.rule) == (expected, "conclusion")
+    assert d.needs_review  # read without an answer marker against the last number: shown to a human
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        # a later result with units supersedes the conclusion
+        ("So, he has 54 - 2 = 52 flowers.\nThe total now is 52 + 38 = 90 flowers.", 90.0),
+        # a conclusion that is the last number is a plain last-number read
+        ("Jonas has 57 coins and gets 8, so he has 65 coins now.", 65.0),
+        # up to eight words of units may follow the value
+        ("So, the total is 31 * 4 = 124 blocks.\n\nThe number of white ones is 124 / 31 = 4.\n\n"
+         "So, there are 4 white blocks in the whole building.", 4.0),
+        # a later result with "$" or led by few words supersedes the conclusion
+        ("So, she has 16 - 3 - 4 = 9 eggs left.\nShe makes 9 * 2 = 18.", 18.0),
+        ("So, she has 16 - 3 - 4 = 9 eggs left.\nHer daily earnings from selling them are 9 * 2 = $18.", 18.0),
+        ("So, she has 16 - 3 - 4 = 9 eggs left.\n9 * 2 = 18", 18.0),
+        # no concluding word: a final bare computation stays the answer
+        ("She sells 16 - 3 - 4 = 9 eggs.\n9 * 2 = 18", 18.0),
+        # "so that" / "so far" do not conclude
+        ("She saves 5 a week so that she has 20 after 4 weeks. In week 5 she adds 7", 7.0),
+    ],
+)
+def test_robust_conclusion_leaves_last_number(text, expected):
+    d = extract_details(text, "robust")
+    assert (d.value, d.rule) == (expected, "last_number")
+    assert "conclusion" not in d.candidates
+
+
+@pytest.mark.parametrize(
+    "text, expected, rule",
+    [
+        ("We add them up.\nThe answer is twelve.", 12.0, "answer_phrase"),
+        ("We add them up: 5 + 7.\nAnswer: forty-two dollars", 42.0, "answer_label"),
+        ("He pays 3 bills.\nThe final answer is one hundred and five apples.\nCheck: 3 * 35", 105.0, "answer_phrase"),
+        ("It takes 3 days.\nThe answer is Twelve thousand", 12000.0, "answer_phrase"),
+    ],
+)
+def test_robust_answer_in_words(text, expected, rule):
+    d = extract_details(text, "robust")
+    assert (d.value, d.rule) == (expected, rule)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "We check 3 cases.\nThe answer is one of the two sums: 5",  # "one of": no value
+        "We check 3 cases.\nThe answer is one more than 4, so 5",
+    ],
+)
+def test_robust_words_need_a_plain_value(text):
+    assert extract_details(text, "robust").value == 5.0
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("The answer is 12 = 3 * 4 apples.", 12.0),  # the result is the side that is one number
+        ("The answer is 3 * 4 = 12.", 12.0),
+        ("The answer is 5 + 7 = 12 - 2 = 10.", 10.0),
+        ("The answer is 5 + 7 = 12 - 2", 12.0),  # no single-number side after "=": as before
+    ],
+)
+def test_robust_chain_result_is_the_single_number_side(text, expected):
+    assert extract_details(text, "robust").value == expected
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Her salary rises by 10%.\nThe answer is $90 thousand.", 90000.0),
+        ("He raised 3 rounds.\nThe answer is 1.5 million dollars", 1500000.0),
+        ("Per year she earns 12 * 7500.\nAnswer: $90k", 90000.0),
+        ("The total is 4 * 22500.\n#### 90\\,000", 90000.0),
+        ("The total is 4 * 22500.\n#### 90\u202f000", 90000.0),
+        ("The total is 4 * 22500.\nThe answer is 90'000.", 90000.0),
+        (r"The total is 4 * 22500 = \boxed{90{,}000}", 90000.0),
+    ],
+)
+def test_robust_magnitude_words_and_separators(text, expected):
+    assert extract_details(text, "robust").value == expected
+
+
+def test_robust_magnitude_leaves_units_alone():
+    assert extract_details("The bag weighs 5 kg and costs 12 km away", "robust").value == 12.0
+    assert extract_details("He ran 5 km.", "robust").value == 5.0
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        # after a #### line
+        ("She has 5 + 3 = 8 apples.\n#### 8\nTom has 4 pens. He buys 6 more. How many pens does he have?\n"
+         "Tom has 4 + 6 = 10 pens.\n#### 10", 8.0),
+        # after a blank line
+        ("So she has 12 dollars left.\n\nMia has 3 cats and 4 dogs. How many pets does she have?\n3 + 4 = 7 pets.",
+         12.0),
+    ],
+)
+def test_robust_cuts_invented_problem_without_title(text, expected):
+    assert extract_details(text, "robust").value == expected
+    assert extract_details(text, "seed").candidates["last_number"] != expected  # seed mode does not cut
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Step 1: 5 apples.\n\nHow many are left? 5 - 2 = 3.", 3.0),  # its own question, answered on the line
+        ("Janet has 16 eggs. How many does she sell?\n\nShe sells 16 - 3 = 13.", 13.0),  # a restated problem
+        ("She has 5 apples.\n\nShe gives 2 away. How many are left?\n\nShe has 5 - 2 = 3 left.", 3.0),  # no answer yet
+        ("The answer is 5.\n\nWait, let me re-read. Janet has 16 eggs and eats 3. How many are left?\n"
+         "16 - 3 = 13. The answer is 13.", 13.0),  # re-reading the problem
+    ],
+)
+def test_robust_keeps_questions_that_are_part_of_the_solution(text, expected):
+    assert extract_details(text, "robust").value == expected
+
+
+def test_robust_new_rules_stay_fast_on_long_text():
+    import time
+
+    texts = ["1 thousand " * 5000, "\n\n1. How " * 3000, "So 1 a. " * 5000, "#### 1\n" * 5000,
+             "The answer is one and " * 3000]
     start = time.perf_counter()
     for text in texts:
         extract_details(text)
