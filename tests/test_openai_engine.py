@@ -80,9 +80,10 @@ def test_a_llama_cpp_server_conforms_to_transformers(server):
     reference = backends.open_backend("transformers", "smollm2-135m-instruct", dtype="fp32")
     # ids no piece names (special tokens, partial UTF-8 bytes) have their mass in the tail unless
     # read or written; everything else is held to the llama_cpp engine's tolerance
-    # 4 problems scored (the server ranks the whole vocabulary in Python at every echoed token)
-    measured = conform(engine, reference, GGUF_Q4, max_new_tokens=32, unnameable=engine.unnameable(), n=4)
-    assert measured["greedy_tokens_agreed"] >= 24
+    # 2 problems scored and written: the server ranks the whole vocabulary in Python at every token it
+    # echoes (about 35 ms a token here)
+    measured = conform(engine, reference, GGUF_Q4, max_new_tokens=32, unnameable=engine.unnameable(), n=2)
+    assert measured["greedy_tokens_agreed"] >= 16
 
 
 @needs_server
@@ -104,7 +105,11 @@ def test_the_server_samples_with_the_seeds_of_the_torch_generator(server):
     import torch
 
     engine = backends.open_backend("openai", "smollm2-135m-instruct", options={"url": server})
-    prompts, _ = _problems(engine.tokenizer, 2)
+    from helpers.models import prompt_text
+
+    tok = engine.tokenizer  # short chat prompts: the server echoes every prompt token back
+    prompts = [tok(prompt_text(tok, [{"role": "user", "content": q}]), add_special_tokens=False).input_ids
+               for q in ("Name a colour.", "Count to five.")]
     draw = lambda: engine.generate(prompts, k=4, max_new_tokens=10, do_sample=True, temperature=1.5)  # noqa: E731
     torch.manual_seed(7)
     a = draw()
