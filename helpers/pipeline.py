@@ -26,7 +26,7 @@ from typing import Iterator
 
 import yaml
 
-from . import __version__, settings
+from . import __version__, report, settings
 from .artifacts import file_digest, fingerprint, one_line, read_json, write_json
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -234,7 +234,7 @@ def run_profile(profile: str | Path = "quick", *, root: str | Path = ".", only: 
     if check:
         print(describe_plan(cfg, plan, run, root), flush=True)
         return []
-    executed = []
+    executed, machine = [], None
     with run_lock(results_dir):
         kernel = ensure_kernel()
         print(f"profile {Path(cfg['path']).stem}: run {run!r}, {len(plan)} stage(s), "
@@ -253,12 +253,27 @@ def run_profile(profile: str | Path = "quick", *, root: str | Path = ".", only: 
             t0 = time.time()
             stage["record"].unlink(missing_ok=True)  # a stage that fails now is not done
             run_stage(stage, kernel=kernel, log_output=log_output)
+            seconds = round(time.time() - t0, 1)
+            machine = machine or report.probe_environment()  # once per run, in a child: CUDA stays out of here
             write_json(stage["record"], {"stage": stage["name"], "fingerprint": stage["fingerprint"],
-                                         "params": stage["params"], "seconds": round(time.time() - t0, 1),
-                                         "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                                         "params": stage["params"], "seconds": seconds,
+                                         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "environment": machine})
             print(f"{tag}: finished in {time.time() - t0:.0f} s", flush=True)
             executed.append(stage["name"])
+        write_run_report(root / "logs" / str(run), results_dir)
     return executed
+
+
+def write_run_report(logs_dir: Path, results_dir: Path) -> None:
+    """``logs/<run>/report.html`` from whatever the run holds now (also when every stage was
+    skipped); a page that cannot be written is a note, never a failed run."""
+    if not logs_dir.is_dir():
+        return
+    try:
+        path = report.write_report(logs_dir, results_dir)
+        print(f"report: {path}", flush=True)
+    except Exception as e:  # noqa: BLE001
+        print(f"note: {logs_dir / report.REPORT} not written: {type(e).__name__}: {one_line(e)}", flush=True)
 
 
 def describe_plan(cfg: dict, plan: list[dict], run: str, root: Path) -> str:

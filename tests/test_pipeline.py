@@ -58,6 +58,9 @@ def test_smoke_profile_end_to_end(tmp_path):
     # teacher = student and the base strategy shows the plain question: the control is the teacher itself
     assert float(div["no-distillation"][0]) < 0.01 < float(div["no-distillation"][1])
     assert (logs / "teacher.md").is_file()
+    page = (logs / "report.html").read_text()  # the run's page, rebuilt after the last stage
+    assert "accuracy.md" in page and "data:image/png" in page and "01_teacher_logits" in page
+    assert json.loads((results / "stages" / "03_assess.json").read_text())["environment"]["versions"]["torch"]
     for strategy in ("base", "gold-hint"):
         for split in ("train", "validation"):
             assert (results / "teacher" / strategy / split / "manifest.json").is_file()
