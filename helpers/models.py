@@ -138,6 +138,29 @@ def cpu_bf16_native(flags: set[str] | None = None, capability: str | None = None
     return capability.upper().startswith("AVX512")
 
 
+# the reference laptop CPU (AVX2 only), emulated on a CPU that has more: MKL, oneDNN and ATen limited to AVX2
+REFERENCE_CPU = {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+
+
+def cpu_name() -> str:
+    """The CPU's model name and its widest vector extensions, with any AVX2 emulation in force."""
+    import os
+    import platform
+
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and name in ("", platform.machine(), platform.processor()):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    wide = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
+    emulated = all(os.environ.get(k) == v for k, v in REFERENCE_CPU.items())
+    return f"{name} ({', '.join(wide) or 'flags unknown'})" + ("; emulating AVX2 only" if emulated else "")
+
+
 def _cpu_flags() -> set[str]:
     import platform
     import subprocess

@@ -65,7 +65,7 @@ def environment() -> dict:
             pass
     out = {"versions": versions, "platform": platform.platform(), "cpu_count": os.cpu_count(), "gpus": []}
     try:
-        from .bench import cpu_name
+        from .models import cpu_name
 
         out["cpu"] = cpu_name()
         import torch

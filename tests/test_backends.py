@@ -664,7 +664,7 @@ def _pass_after(hf_model, holder, past: int, ids: torch.Tensor) -> torch.Tensor:
     ExLlama cache)."""
     from transformers import DynamicCache
 
-    from helpers.collm import _CACHE
+    from helpers.backends.continuous import _CACHE
 
     held = holder._kv.get_seq_length()
     assert held >= past, "positions before the pass were never written"

@@ -4,7 +4,7 @@ The runner behind ``python -m helpers.bench`` (the entries and their targets are
 package's docstring): ``main`` (the options, the order the entries run in, each figure printed as
 it is measured, the table and the files written to ``logs/bench/``, the exit status), the targets
 (``TARGETS``), the settings of ``--quick`` and of the full run (``QUICK``, ``FULL``), and the
-reference-CPU emulation (``REFERENCE_CPU``, ``cpu_name``)."""
+reference-CPU emulation (``REFERENCE_CPU``; ``cpu_name``, both from ``helpers.models``)."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..artifacts import write_json, write_text
+from ..models import REFERENCE_CPU, cpu_name  # noqa: F401  (re-exported: the benchmark's reference CPU)
 from .backends import bench_capture, bench_engines, bench_generation
 from .collm import bench_collm
 from .dtypes import bench_dtypes
@@ -23,29 +24,9 @@ from .kd import bench_chunked_loss, bench_kd_step, bench_store
 from .speculative import bench_speculative
 
 
-REFERENCE_CPU = {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 TARGETS = {"generation_speedup": 3.0, "capture_ratio": 1.10, "kd_step_ratio": 1.15, "cross_kd_step_ratio": 1.3, "collm_cost_ratio": 1.15,
            "chunked_memory_ratio": 0.5, "chunked_time_ratio": 1.10,
            "spec_measured_over_predicted": 0.9, "spec_ours_over_assisted": 1.0, "align_ratio": 50.0}
-
-
-def cpu_name() -> str:
-    """The CPU's model name and its widest vector extensions, with any AVX2 emulation in force."""
-    import os
-    import platform
-
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and name in ("", platform.machine(), platform.processor()):
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    wide = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
-    emulated = all(os.environ.get(k) == v for k, v in REFERENCE_CPU.items())
-    return f"{name} ({', '.join(wide) or 'flags unknown'})" + ("; emulating AVX2 only" if emulated else "")
 
 
 QUICK = {"gen_prompts": 32, "gen_batch": 16, "gen_tokens": 128, "batch": 4, "tokens": 24, "train_batch": 2, "train_length": 96, "repeats": 1, "collm_tokens": 16,

@@ -271,7 +271,8 @@ def train(model, tokenizer, train_examples: list[Example], val_examples: list[Ex
         history["val_loss"].append(val)
         accelerator.log({"validation/loss": val}, step=step)
     bar.close()
-    accelerator.end_training()
+    for tracker in accelerator.trackers:  # not end_training(): that also ends the process group the caller still uses
+        tracker.finish()
     history["seconds"] = round(time.time() - t0, 1)
     peft_model = accelerator.unwrap_model(model)
     if accelerator.distributed_type == DistributedType.FSDP:
