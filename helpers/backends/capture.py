@@ -179,3 +179,33 @@ def decode_row(tokenizer, eos, logits: torch.Tensor, step, *, k: int, max_new_to
             logits = step(token)
     capture = {key: torch.cat([c[key] for c in caps]) for key in caps[0]} if caps else None
     return solution_row(tokenizer, new, eos, looped_at=looped, capture=capture)
+
+
+class OneSequenceAtATime:
+    """``generate`` and ``score`` for an engine that runs one sequence at a time over its own cache
+    (the ExLlama engines): the engine gives ``_fits(n)`` (one line where n tokens do not fit),
+    ``_begin()`` (an empty cache) and ``_forward(ids, last_only=...)`` (fp32 logits over its
+    vocabulary, the cache extended by ``ids``); capture and decoding are this module's."""
+
+    def generate(self, prompt_ids: list[list[int]], *, k: int, max_new_tokens: int, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, stop_loops: bool = False) -> list[dict]:
+        self._fits(max(map(len, prompt_ids), default=0) + max_new_tokens)
+        rows = []
+        for prompt in prompt_ids:
+            self._begin()
+            rows.append(decode_row(self.tokenizer, self.eos, self._forward(list(prompt), last_only=True)[-1],
+                                   lambda token: self._forward([token], last_only=True)[-1], k=k,
+                                   max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                   top_p=top_p, stop_loops=stop_loops))
+        return rows
+
+    def score(self, prompt_ids: list[list[int]], text_ids: list[list[int]], *, k: int) -> list[dict]:
+        self._fits(max((len(p) + len(t) for p, t in zip(prompt_ids, text_ids)), default=0))
+        rows = []
+        for prompt, text in zip(prompt_ids, text_ids):
+            self._begin()
+            # the logits at position j predict token j + 1: the text's tokens are predicted by the
+            # positions from the prompt's last token to the text's second to last
+            logits = self._forward(list(prompt) + list(text), last_only=False)
+            rows.append(scored_row(self.tokenizer, text, topk_capture(logits[len(prompt) - 1:-1], k, torch.tensor(text))))
+        return rows

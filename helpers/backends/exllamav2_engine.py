@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 
 from .needs import missing_package, need_cuda
-from .capture import decode_row, engine_eos, eos_ids, scored_row, topk_capture
+from .capture import OneSequenceAtATime, engine_eos, eos_ids
 
 DEFAULT_MAX_SEQ_LEN = 4096
 CACHES = {16: "ExLlamaV2Cache", 8: "ExLlamaV2Cache_Q8", 6: "ExLlamaV2Cache_Q6", 4: "ExLlamaV2Cache_Q4"}
@@ -76,7 +76,7 @@ def check_vocabulary(vocab_size: int, tokenizer, backend: str) -> None:
                          "they do not belong together")
 
 
-class ExLlamaV2Engine:
+class ExLlamaV2Engine(OneSequenceAtATime):
     """An ExLlamaV2 model as a teacher engine (see ``helpers.backends``)."""
 
     name = "exllamav2"
@@ -114,6 +114,9 @@ class ExLlamaV2Engine:
         tok = load_tokenizer(tokenizer or folder)
         return cls(model, cache, tok, engine_eos(tok, folder, tokenizer), config.vocab_size)
 
+    def _begin(self) -> None:
+        self.cache.reset()
+
     def _fits(self, n: int) -> None:
         if n > self.cache.max_seq_len:
             raise ValueError(f"a sequence of up to {n} tokens does not fit exllamav2's cache of "
@@ -124,30 +127,6 @@ class ExLlamaV2Engine:
         with ``last_only``), [n, vocab_size] fp32 on the model's last GPU."""
         out = self.model.forward(torch.tensor([ids], dtype=torch.long), self.cache, last_id_only=last_only)
         return out[0, :, :self.vocab_size].float()  # the head's padding columns dropped
-
-    def generate(self, prompt_ids: list[list[int]], *, k: int, max_new_tokens: int, do_sample: bool = False,
-                 temperature: float = 1.0, top_p: float = 1.0, stop_loops: bool = False) -> list[dict]:
-        self._fits(max(map(len, prompt_ids), default=0) + max_new_tokens)
-        rows = []
-        for prompt in prompt_ids:
-            self.cache.reset()
-            rows.append(decode_row(self.tokenizer, self.eos, self._forward(list(prompt), last_only=True)[-1],
-                                   lambda token: self._forward([token], last_only=True)[-1], k=k,
-                                   max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                                   top_p=top_p, stop_loops=stop_loops))
-        return rows
-
-    def score(self, prompt_ids: list[list[int]], text_ids: list[list[int]], *, k: int) -> list[dict]:
-        self._fits(max((len(p) + len(t) for p, t in zip(prompt_ids, text_ids)), default=0))
-        rows = []
-        for prompt, text in zip(prompt_ids, text_ids):
-            self.cache.reset()
-            # the logits at position j predict token j + 1: the text's tokens are predicted by the
-            # positions from the prompt's last token to the text's second to last
-            logits = self._forward(list(prompt) + list(text), last_only=False)
-            cap = topk_capture(logits[len(prompt) - 1:-1], k, torch.tensor(text))
-            rows.append(scored_row(self.tokenizer, text, cap))
-        return rows
 
     def close(self) -> None:
         self.model.unload()  # the weights; the cache's tensors go with the reference to it

@@ -60,11 +60,11 @@ from __future__ import annotations
 import torch
 
 from .needs import missing_package, need_cuda
-from .capture import decode_row, engine_eos, eos_ids, scored_row, topk_capture
+from .capture import OneSequenceAtATime, engine_eos, eos_ids
 from .exllamav2_engine import DEFAULT_MAX_SEQ_LEN, check_vocabulary, model_folder
 
 
-class ExLlamaV3Engine:
+class ExLlamaV3Engine(OneSequenceAtATime):
     """An ExLlamaV3 model as a teacher engine (see ``helpers.backends``)."""
 
     name = "exllamav3"
@@ -136,30 +136,6 @@ class ExLlamaV3Engine:
             self._states = params.get("recurrent_states")
             self._length += chunk.shape[1]
         return torch.cat(out)
-
-    def generate(self, prompt_ids: list[list[int]], *, k: int, max_new_tokens: int, do_sample: bool = False,
-                 temperature: float = 1.0, top_p: float = 1.0, stop_loops: bool = False) -> list[dict]:
-        self._fits(max(map(len, prompt_ids), default=0) + max_new_tokens)
-        rows = []
-        for prompt in prompt_ids:
-            self._begin()
-            rows.append(decode_row(self.tokenizer, self.eos, self._forward(list(prompt), last_only=True)[-1],
-                                   lambda token: self._forward([token], last_only=True)[-1], k=k,
-                                   max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                                   top_p=top_p, stop_loops=stop_loops))
-        return rows
-
-    def score(self, prompt_ids: list[list[int]], text_ids: list[list[int]], *, k: int) -> list[dict]:
-        self._fits(max((len(p) + len(t) for p, t in zip(prompt_ids, text_ids)), default=0))
-        rows = []
-        for prompt, text in zip(prompt_ids, text_ids):
-            self._begin()
-            # the logits at position j predict token j + 1: the text's tokens are predicted by the
-            # positions from the prompt's last token to the text's second to last
-            logits = self._forward(list(prompt) + list(text), last_only=False)
-            cap = topk_capture(logits[len(prompt) - 1:-1], k, torch.tensor(text))
-            rows.append(scored_row(self.tokenizer, text, cap))
-        return rows
 
     def close(self) -> None:
         self._begin()
