@@ -158,6 +158,11 @@ def test_busy_answers_are_retried_a_bounded_number_of_times():
                                        options={"url": url, "tokens": "ids", "backoff": 0.01})
         assert engine._post({"prompt": [[1]], "max_tokens": 1})[0]["logprobs"]["tokens"] == ["token_id:5"]
         assert len(seen) == 3
+        post = engine._post
+        engine._post = lambda body: [{"index": 0, "text": "x", "logprobs": None}]  # an answer without log-probs
+        with pytest.raises(RuntimeError, match="returned no log-probs for a completion"):
+            engine.probe()
+        engine._post = post
         engine.retries = 1
         with pytest.raises(RuntimeError, match=r"after 2 tries \(HTTP 503\)"):
             engine._post({"prompt": [[1]], "max_tokens": 1})

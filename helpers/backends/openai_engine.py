@@ -175,6 +175,9 @@ class OpenAIEngine:
             choice = self._post({"prompt": [ids], "max_tokens": 1, "logprobs": 1, "temperature": 0.0})[0]
         except _Refused:
             return "text"
+        if not (choice.get("logprobs") or {}).get("tokens"):
+            raise RuntimeError(f"the {self.name} server at {self.url} returned no log-probs for a completion: the "
+                               "teacher engine needs a server that gives them (`logprobs` on /completions)")
         return "ids" if all(t.startswith("token_id:") for t in choice["logprobs"]["tokens"]) else "text"
 
     def n_logprobs(self, k: int) -> int:
