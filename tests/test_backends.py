@@ -189,17 +189,21 @@ def test_llama_cpp_on_the_embedded_smollm2_gguf_conforms_to_transformers():
 def test_llama_cpp_samples_with_the_seeded_torch_generator():
     engine = backends.open_backend("llama_cpp", "smollm2-135m-instruct", options={"n_ctx": 512})
     try:
-        prompts, _ = _problems(engine.tokenizer, 2)
-        draw = lambda: engine.generate(prompts, k=4, max_new_tokens=10, do_sample=True, temperature=1.5)  # noqa: E731
-        torch.manual_seed(7)
-        a = draw()
-        torch.manual_seed(7)
-        b = draw()
-        assert [r["token_ids"] for r in a] == [r["token_ids"] for r in b]
-        greedy = engine.generate(prompts, k=4, max_new_tokens=10)
-        assert [r["token_ids"] for r in a] != [r["token_ids"] for r in greedy]
+        samples_with_the_seeded_torch_generator(engine, _problems(engine.tokenizer, 2)[0])
     finally:
         engine.close()
+
+
+def samples_with_the_seeded_torch_generator(engine, prompts):
+    """Sampling twice from the same torch seed writes the same tokens, and not greedy's."""
+    draw = lambda: engine.generate(prompts, k=4, max_new_tokens=10, do_sample=True, temperature=1.5)  # noqa: E731
+    torch.manual_seed(7)
+    a = draw()
+    torch.manual_seed(7)
+    b = draw()
+    assert [r["token_ids"] for r in a] == [r["token_ids"] for r in b]
+    greedy = engine.generate(prompts, k=4, max_new_tokens=10)
+    assert [r["token_ids"] for r in a] != [r["token_ids"] for r in greedy]
 
 
 def _gpu_model(tmp_path_factory):

@@ -20,7 +20,7 @@ from helpers import backends
 from helpers.data import Record
 from helpers.kd import teacher
 
-from test_backends import GGUF_Q4, _problems, conform
+from test_backends import GGUF_Q4, conform, samples_with_the_seeded_torch_generator
 
 SERVER_PACKAGES = ("llama_cpp", "fastapi", "uvicorn", "sse_starlette", "starlette_context", "pydantic_settings")
 missing = [p for p in SERVER_PACKAGES if importlib.util.find_spec(p) is None]
@@ -102,21 +102,13 @@ def test_text_pieces_map_back_to_the_teachers_ids(server):
 
 @needs_server
 def test_the_server_samples_with_the_seeds_of_the_torch_generator(server):
-    import torch
-
-    engine = backends.open_backend("openai", "smollm2-135m-instruct", options={"url": server})
     from helpers.models import prompt_text
 
+    engine = backends.open_backend("openai", "smollm2-135m-instruct", options={"url": server})
     tok = engine.tokenizer  # short chat prompts: the server echoes every prompt token back
     prompts = [tok(prompt_text(tok, [{"role": "user", "content": q}]), add_special_tokens=False).input_ids
                for q in ("Name a colour.", "Count to five.")]
-    draw = lambda: engine.generate(prompts, k=4, max_new_tokens=10, do_sample=True, temperature=1.5)  # noqa: E731
-    torch.manual_seed(7)
-    a = draw()
-    torch.manual_seed(7)
-    b = draw()
-    assert [r["token_ids"] for r in a] == [r["token_ids"] for r in b]
-    assert [r["token_ids"] for r in a] != [r["token_ids"] for r in engine.generate(prompts, k=4, max_new_tokens=10)]
+    samples_with_the_seeded_torch_generator(engine, prompts)
 
 
 def test_a_server_that_is_down_is_named_in_one_line():
