@@ -30,6 +30,7 @@ this package's code is imported and run. The weights are Google's, under the Gem
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -576,15 +577,32 @@ def _load_error(name: str, err: Exception) -> ValueError:
 
 
 def load_tokenizer(name_or_path: str):
-    """Tokenizer set up for batched generation: left padding, a pad token."""
-    from transformers import AutoTokenizer
+    """Tokenizer set up for batched generation: left padding, a pad token.
 
+    One object per tokenizer folder and process: the notebooks load the same tokenizer many times
+    (each model, store, fusion teacher), and Gemma 3's takes about 3 s to build. Callers treat it
+    as read-only (``for_generation`` is the one place that sets it up)."""
     path = resolve(name_or_path)
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        return _tokenizer_at(str(path), _folder_stamp(path))
     except (OSError, ValueError) as e:
         raise _load_error(name_or_path, e) from e
-    return for_generation(tok)
+
+
+def _folder_stamp(path) -> tuple:
+    """Names, sizes and modification times of a local folder's files (a changed folder is read again);
+    () for a hub id."""
+    path = Path(path)
+    if not path.is_dir():
+        return ()
+    return tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file()))
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer_at(path: str, stamp: tuple):
+    from transformers import AutoTokenizer
+
+    return for_generation(AutoTokenizer.from_pretrained(path))
 
 
 def for_generation(tok):

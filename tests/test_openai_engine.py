@@ -170,8 +170,8 @@ def test_a_server_dying_mid_store_leaves_a_store_that_resumes(tmp_path):
     port = _free_port()
     url = f"http://127.0.0.1:{port}/v1"
     records = [Record(f"r{i}", f"What is {i} + {i + 1}?", f"{i} + {i + 1} = {2 * i + 1}\n#### {2 * i + 1}",
-                      2.0 * i + 1) for i in range(4)]
-    kw = dict(teacher="smollm2-135m-instruct", strategy="base", k=4, max_new_tokens=8, batch_size=2, shard_size=2,
+                      2.0 * i + 1) for i in range(2)]
+    kw = dict(teacher="smollm2-135m-instruct", strategy="base", k=4, max_new_tokens=8, batch_size=1, shard_size=1,
               progress=False)
     proc = _start(port)
     try:
