@@ -33,6 +33,8 @@ within each rule:
 2. ``boxed``         - ``\\boxed{...}`` with LaTeX cleaned up (``\\$``, ``\\%``,
                        ``\\text{}``, ``\\,``, ``{,}``); ``\\frac{a}{b}`` -> a/b.
 3. ``hashes``        - GSM8K style ``#### 18``.
+   (These two, and the statements below, read a fraction written with an
+   unspaced slash as its value: ``#### 3/4`` -> 0.75.)
 4. ``answer_label``  - ``Answer:``, ``Final Answer:`` or ``A:`` starting a
                        line (markdown bullets/bold allowed), or ``Answer:`` /
                        ``Final Answer:`` starting a sentence mid-line (after
@@ -51,6 +53,8 @@ within each rule:
                        ``=``/``:``.  So ``18``, ``$18.``, ``18 dollars``,
                        ``The total is 18.`` fire; ``Step 1: ...``,
                        ``1. Janet ...`` and ``Janet has 16 eggs.`` do not.
+                       A fraction or mixed number there is its value
+                       (``1/4`` -> 0.25, ``2 1/2 cups`` -> 2.5).
 7. ``conclusion``    - the last concluding sentence: one opening with so,
                        therefore, thus, hence, altogether, overall, finally,
                        in total/all/the end/conclusion, or holding a ", so"
@@ -86,7 +90,8 @@ result is read: the last side of an ``=`` that is a single number ("5 + 7 =
 is, the first number after the last ``=``.  Otherwise two
 numbers joined by an unspaced hyphen or dash, an en dash, "to", "or" or
 "and" are a range and yield nothing ("10-20", "10 to 20"); any other chain
-without ``=`` ("9 * 2", "12 - 2") keeps its first number.  A statement that
+without ``=`` ("9 * 2", "12 - 2") keeps its first number, except a fraction
+of two numbers written with an unspaced slash ("3/4" -> 0.75).  A statement that
 yields nothing leaves the rule to earlier statements, then to later rules.
 
 Truncation (robust) cuts at the earliest marker that comes after some number
@@ -125,7 +130,9 @@ Truncation (robust) cuts at the earliest marker that comes after some number
 answer_label, answer_phrase) disagree (relative tolerance 1e-9), or (robust)
 when the text has an answer marker (a box, a label, an answer phrase) but no
 explicit rule read a number from it: "The answer is between 10 and 20" is not
-a stated answer, whatever ``first_line`` or ``last_number`` give.  A response
+a stated answer, whatever ``first_line`` or ``last_number`` give; or (robust)
+when the value has 16 digits or more (a response cut off inside a run of
+digits).  A response
 with no marker at all that ends on a number is read by ``last_number``
 without review; the rule name says it was a fallback.
 
@@ -226,6 +233,8 @@ _NEW_SENTENCE = re.compile(
 )
 _WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?")
 _LINK = re.compile(r"\b(?:is|are|was|were|equals?|total|be)\b|[=:]", re.IGNORECASE)
+# a fraction, or a mixed number, that the first-line rule reads as its value
+_LINE_FRACTION = re.compile(r"(?<![\d.,/])(?:(?P<whole>\d+)[ \t]+)?(?P<num>\d+)[ \t]*/[ \t]*(?P<den>\d+)(?![\d.,/])")
 _AFTER_OK = re.compile(r"[ \t]*(?:[A-Za-z]+(?:'[A-Za-z]+)?[ \t]*){0,3}[.!$* \t]*")
 
 # Thousands written with a LaTeX thin space, "{,}", a Unicode (thin/no-break) space or an
@@ -295,6 +304,18 @@ def parse_number(token: str) -> float:
     m = _NUM.fullmatch(token.strip()) if isinstance(token, str) else None
     if m is None:
         raise ValueError(f"not a number: {token!r}")
+    return _to_float(m)
+
+
+_SLASH_DEN = re.compile(r"/(\d+)(?![\d.,/])")
+
+
+def _read(s: str, m: re.Match) -> float:
+    """The number at ``m``, or the fraction it starts when an unspaced slash and a whole number follow
+    ("3/4" -> 0.75)."""
+    den = _SLASH_DEN.match(s, m.end())
+    if den and int(den[1]) != 0 and "%" not in m.group(0):
+        return _to_float(m) / int(den[1])
     return _to_float(m)
 
 
@@ -381,7 +402,7 @@ def _boxed_value(content: str) -> float | None:
             value = None
         if value is not None:
             return -value if frac["sign"] else value
-    return _to_float(num) if num else None
+    return _read(s, num) if num else None
 
 
 def _last_hit(values) -> float | None:
@@ -442,7 +463,7 @@ def _chain_value(s: str, nums: list[re.Match]) -> float | None:
         return _to_float(singles[-1] if singles else segments[-1][0])
     if len(nums) > 1 and _RANGE_GAP.fullmatch(s[nums[0].end():nums[1].start()]):
         return None
-    return _to_float(nums[0])
+    return _read(s, nums[0])
 
 
 def _phrase_value(text: str) -> float | None:
@@ -524,6 +545,11 @@ def _seed_first_line(text: str) -> float | None:
 
 def _robust_first_line(text: str) -> float | None:
     line = _first_line(text).strip("#*>_ \t")
+    fractions = list(_LINE_FRACTION.finditer(line))
+    if len(fractions) == 1 and int(fractions[0]["den"]) != 0:  # "1/4", "2 1/2 cups": written as a decimal
+        f = fractions[0]
+        value = int(f["whole"] or 0) + int(f["num"]) / int(f["den"])
+        line = line[:f.start()] + repr(value) + line[f.end():]
     nums = list(_NUM.finditer(line))
     if len(nums) != 1:
         return None
@@ -584,7 +610,7 @@ def _robust_rules(text: str) -> tuple[dict[str, float | None], bool]:
     results = {
         "asked_question": _asked_value(text),
         "boxed": _last_hit(_boxed_value(c) for c in _boxed_contents(text)),
-        "hashes": _last_hit(_to_float(m) if m else None for m in hashes),
+        "hashes": _last_hit(_read(text, m) if m else None for m in hashes),
         "answer_label": _last_hit(_label_value(s) for _, s in _statements(_LABEL, text)),
         "answer_phrase": _phrase_value(text),
         "first_line": _robust_first_line(text),
@@ -593,6 +619,8 @@ def _robust_rules(text: str) -> tuple[dict[str, float | None], bool]:
     }
     return results, any(p.search(text) for p in _MARKERS)
 
+
+_HUGE = 1e15  # 16 digits and more: beyond what a float holds exactly, and beyond any grade-school answer
 
 _EXPLICIT = {
     "seed": ("boxed", "answer_phrase"),
@@ -613,8 +641,11 @@ def extract_details(text: str, mode: str = "robust") -> Extraction:
     explicit = [candidates[r] for r in _EXPLICIT[mode] if r in candidates]
     disagree = any(not _same(a, b) for a in explicit for b in explicit)
     unread = marked and not explicit
+    # a number longer than a float keeps (a response cut off inside a run of digits) is no answer to trust
+    huge = mode == "robust" and value is not None and abs(value) >= _HUGE
     # a conclusion that is not the text's last number is read, but always shown to a human
-    return Extraction(value, rule, candidates, value is None or disagree or unread or rule == "conclusion")
+    return Extraction(value, rule, candidates,
+                      value is None or disagree or unread or huge or rule == "conclusion")
 
 
 def extract_answer(text: str, mode: str = "robust") -> float | None:

@@ -1,11 +1,12 @@
 """Generate real responses for the labelled answer-extraction set (tests/data/extraction_labelled.jsonl).
 
 Greedy decoding with the toolkit's assessment prompt (helpers.assess.generate_responses), for:
-SmolLM2-135M-Instruct on GSM-Symbolic and on GSM8K test questions, Gemma 3 270M (base model,
-plain Question/Answer layout) on GSM-Symbolic.  Writes one JSONL of raw responses per source to
+SmolLM2-135M-Instruct and Gemma 3 270M (base model, plain Question/Answer layout) on GSM-Symbolic
+and on GSM8K test questions (``--sources`` picks among them).  Writes one JSONL of raw responses per source to
 ``out_dir``; only question ids and gold answers are kept next to the responses (no GSM8K text).
 
     python scripts/generate_extraction_responses.py GSM8K_DIR OUT_DIR [--n-symbolic 24] [--n-gsm8k 24] [--n-gemma 16]
+        [--sources smollm2-symbolic smollm2-gsm8k gemma-symbolic gemma-gsm8k]
 
 GSM8K_DIR is a folder holding GSM8K's ``test.jsonl`` (original format).
 """
@@ -17,6 +18,13 @@ import random
 from pathlib import Path
 
 from helpers import assess, data, models
+
+SOURCES = {  # --sources name -> (model, output name)
+    "smollm2-symbolic": ("smollm2-135m-instruct", "smollm2-135m-instruct_gsm-symbolic"),
+    "smollm2-gsm8k": ("smollm2-135m-instruct", "smollm2-135m-instruct_gsm8k"),
+    "gemma-symbolic": ("gemma3-270m", "gemma3-270m_gsm-symbolic"),
+    "gemma-gsm8k": ("gemma3-270m", "gemma3-270m_gsm8k"),
+}
 
 
 def run(name: str, model_id: str, records, out_dir: Path, batch_size: int) -> None:
@@ -38,7 +46,8 @@ def main() -> None:
     p.add_argument("--n-gsm8k", type=int, default=24)
     p.add_argument("--n-gemma", type=int, default=16)
     p.add_argument("--pool", type=int, default=40, help="GSM-Symbolic test questions drawn (first n-symbolic "
-                   "for SmolLM2, the next n-gemma for Gemma)")
+                   "for SmolLM2, the next n-gemma for Gemma; GSM8K's sample is split the same way)")
+    p.add_argument("--sources", nargs="+", default=list(SOURCES), choices=list(SOURCES))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     a = p.parse_args()
@@ -46,14 +55,14 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     symbolic = data.load_splits("gsm_symbolic", n_test=max(a.pool, a.n_symbolic + a.n_gemma), seed=a.seed)["test"]
     gsm8k = data.read_gsm8k_jsonl(Path(a.gsm8k_dir) / "test.jsonl")
-    gsm8k = random.Random(a.seed).sample(gsm8k, a.n_gsm8k)
-    run("smollm2-135m-instruct_gsm-symbolic", "smollm2-135m-instruct", symbolic[:a.n_symbolic], out, a.batch_size)
-    if a.n_gsm8k:
-        run("smollm2-135m-instruct_gsm8k", "smollm2-135m-instruct", gsm8k, out, a.batch_size)
-    if a.n_gemma:
-        run("gemma3-270m_gsm-symbolic", "gemma3-270m", symbolic[a.n_symbolic:a.n_symbolic + a.n_gemma], out,
-            a.batch_size)
-
+    # one seeded sample: SmolLM2's questions first, Gemma's after them (the first n_gsm8k as before)
+    gsm8k = random.Random(a.seed).sample(gsm8k, a.n_gsm8k + a.n_gemma)
+    questions = {"smollm2-symbolic": symbolic[:a.n_symbolic], "smollm2-gsm8k": gsm8k[:a.n_gsm8k],
+                 "gemma-symbolic": symbolic[a.n_symbolic:a.n_symbolic + a.n_gemma], "gemma-gsm8k": gsm8k[a.n_gsm8k:]}
+    for source in a.sources:
+        model_id, name = SOURCES[source]
+        if questions[source]:
+            run(name, model_id, questions[source], out, a.batch_size)
 
 if __name__ == "__main__":
     main()

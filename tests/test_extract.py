@@ -1067,3 +1067,27 @@ def test_robust_new_rules_stay_fast_on_long_text():
     for text in texts:
         extract_details(text)
     assert time.perf_counter() - start < 5.0
+
+
+@pytest.mark.parametrize("text,value,rule", [
+    ("1/4\nQuestion: What is 2 + 2?\nAnswer: 4", 0.25, "first_line"),   # a base model's first line
+    ("2 1/2 cups\n\nShe uses 5 cups in all.", 2.5, "first_line"),        # a mixed number
+    ("The answer is 3/4 of a cup.", 0.75, "answer_phrase"),
+    ("#### 3/4", 0.75, "hashes"),
+    ("\\boxed{3/4}", 0.75, "boxed"),
+    ("The answer is 12 / 3.", 12.0, "answer_phrase"),  # spaced: a chain without "=", its first number
+    ("The answer is 5/0.", 5.0, "answer_phrase"),      # no division by zero
+    ("Answer: 12/3/4", 12.0, "answer_label"),          # a date-like run is no fraction
+    ("The answer is 50%/2.", 50.0, "answer_phrase"),
+])
+def test_robust_reads_a_fraction_written_with_a_slash(text, value, rule):
+    d = extract_details(text, "robust")
+    assert (d.value, d.rule) == (pytest.approx(value), rule)
+
+
+def test_a_number_longer_than_a_float_keeps_is_flagged():
+    cut = "1" + "0" * 40  # a response cut off by the token cap inside a run of zeros
+    d = extract_details(cut, "robust")
+    assert d.value == 1e40 and d.needs_review
+    assert not extract_details("999999999999999", "robust").needs_review  # 15 digits: still a number
+    assert not extract_details(cut, "seed").needs_review  # seed mode as before
