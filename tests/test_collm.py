@@ -182,6 +182,23 @@ def test_grid_settings_do_not_depend_on_their_neighbours(pair):
     assert collm.deferral_frequency(grid[0]) == 1.0 and collm.deferral_frequency(grid[4]) == 0.0
 
 
+def test_the_grid_runs_the_bases_prompt_pass_once_per_batch_and_decodes_as_separate_calls(pair):
+    base, asst, tok, head = pair
+    settings = [{"eta_logit": 0.0}, {"random_prob": 0.5}, {"eta_logit": math.inf}]
+    grid_stats = collm.DecodeStats()
+    grid = collm.decode_grid(base, head, tok, asst, RECORDS, settings, max_new_tokens=8, batch_size=2, progress=False,
+                             assistant_strategy="teacher", stats=grid_stats)
+    bp, ap = collm.prompts_for(tok, RECORDS, "teacher")
+    own_stats, batches = collm.DecodeStats(), range(0, len(RECORDS), 2)
+    for setting, got in zip(settings, grid):
+        (key, value), = setting.items()
+        want = [row for c in batches for row in collm.co_generate(
+            base, head, tok, asst, bp[c:c + 2], ap[c:c + 2], **{key: value}, seed=c, max_new_tokens=8, stats=own_stats)]
+        assert [(r["token_ids"], r["who"], r["logit"]) for r in got] == [(r["token_ids"], r["who"], r["logit"]) for r in want]
+    assert grid_stats.base_calls == own_stats.base_calls - (len(settings) - 1) * len(batches)
+    assert grid_stats.asst_calls == own_stats.asst_calls
+
+
 def test_random_deferral_is_seeded(pair):
     base, asst, tok, head = pair
     bp, ap = _prompts(tok)

@@ -5,6 +5,7 @@ assistant of another tokenizer, row by row by text: ``_co_generate_text`` with `
 the shape ``assess.score`` reads). Uses ``head`` and ``threshold``."""
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ class DecodeStats:
 def co_generate(base, head, tok, asst, base_prompts: list[str], asst_prompts: list[str], *, eta_logit=None,
                 random_prob=None, eta=None, seed: int = 0, max_new_tokens: int = 128, base_cache: bool = True,
                 asst_cache: bool = True, stats: DecodeStats | None = None, asst_tok=None,
-                asst_chunk: int = ASST_CHUNK) -> list[dict]:
+                asst_chunk: int = ASST_CHUNK, prefill: dict | None = None) -> list[dict]:
     """Greedy Co-LLM decoding of a batch. Row b defers token t to the assistant when its deferral
     logit is above ``eta_logit[b]`` (learned; +inf: never, −inf: always, exactly), or, with
     ``random_prob``, with probability random_prob[b]. ``eta`` is the same on the σ scale
@@ -51,6 +52,10 @@ def co_generate(base, head, tok, asst, base_prompts: list[str], asst_prompts: li
 
     ``asst_tok``: the assistant's tokenizer when it differs from the base's (``asst_prompts`` then
     rendered with it); decoding then goes by text, row by row (see ``_co_generate_text``).
+
+    ``prefill``: a dict shared by calls on the same ``base_prompts`` with the same base and head
+    (``decode_grid`` passes one per batch): the base's pass over the prompts is run once and kept
+    there, and each call goes on from a copy of it, so its tokens are those of a call without it.
     """
     given = [k for k, v in (("eta_logit", eta_logit), ("eta", eta), ("random_prob", random_prob)) if v is not None]
     if len(given) != 1:
@@ -116,7 +121,12 @@ def co_generate(base, head, tok, asst, base_prompts: list[str], asst_prompts: li
             a_past, a_seen = cache, g.shape[1]
         return out.logits[:, -1].to(dev)
 
-    b_logits, dlogit, b_past = base_step(None)
+    if prefill is not None and base_cache:
+        if "base" not in prefill:
+            prefill["base"] = base_step(None)
+        b_logits, dlogit, b_past = copy.deepcopy(prefill["base"])
+    else:
+        b_logits, dlogit, b_past = base_step(None)
     for _ in range(max_new_tokens):
         if cut is not None:
             defer = _defer(dlogit, cut)
@@ -393,12 +403,13 @@ def decode_grid(base, head, tok, asst, records, settings: list[dict], *, assista
     bp, ap = prompts_for(tok, records, assistant_strategy, asst_tok=asst_tok)
     out: list[list[dict]] = [[] for _ in settings]
     bar = tqdm(total=len(settings) * len(records), desc="co-decoding", unit="row", disable=not progress)
-    for s, setting in enumerate(settings):
-        (key, value), = setting.items()
-        for c in range(0, len(records), batch_size):
+    for c in range(0, len(records), batch_size):
+        prefill = {}  # the base's pass over this batch's prompts, run once for every setting
+        for s, setting in enumerate(settings):
+            (key, value), = setting.items()
             rows = co_generate(base, head, tok, asst, bp[c:c + batch_size], ap[c:c + batch_size],
                                **{key: float(value)}, seed=seed + c, max_new_tokens=max_new_tokens, stats=stats,
-                               asst_tok=asst_tok, asst_chunk=asst_chunk)
+                               asst_tok=asst_tok, asst_chunk=asst_chunk, prefill=prefill)
             out[s] += [{"id": r.id, **row} for r, row in zip(records[c:c + batch_size], rows)]
             bar.update(len(rows))
     bar.close()
