@@ -49,8 +49,8 @@ GGUF_Q4 = Tolerance(tie=1.0, mean_abs=0.1, max_abs=0.75, tail=0.75)
 GPU_FP16 = Tolerance(tie=0.05, mean_abs=5e-3, max_abs=5e-2, tail=5e-2)
 
 
-def _problems(tok, n=6):
-    recs = load_splits("gsm_symbolic", n_train=n)["train"]
+def _problems(tok, n=6, source="gsm_symbolic"):
+    recs = load_splits(source, n_train=n)["train"]
     prompts = capture.prompt_ids(tok, [models.prompt_text(tok, [{"role": "user", "content": r.question}])
                                        for r in recs])
     return prompts, capture.text_ids(tok, [plain_solution(r.solution) for r in recs])
@@ -86,11 +86,11 @@ def unnamed(row: dict, ids) -> dict:
     return out
 
 
-def conform(engine, reference, tol: Tolerance, *, k=8, max_new_tokens=24, unnameable=(), n=6):
+def conform(engine, reference, tol: Tolerance, *, k=8, max_new_tokens=24, unnameable=(), n=6, source="gsm_symbolic"):
     """``engine`` against ``reference`` (a TransformersEngine) on the same token ids (``n`` problems
-    scored, the first 3 written); returns the measured differences. ``unnameable``: ids the engine
-    cannot name (``unnamed``)."""
-    prompts, texts = _problems(reference.tokenizer, n)
+    of ``source`` scored, the first 3 written); returns the measured differences. ``unnameable``: ids
+    the engine cannot name (``unnamed``)."""
+    prompts, texts = _problems(reference.tokenizer, n, source)
     got, want = engine.score(prompts, texts, k=k), reference.score(prompts, texts, k=k)
     if len(unnameable):
         want = [unnamed(w, unnameable) for w in want]
