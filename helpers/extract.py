@@ -62,7 +62,11 @@ within each rule:
                        (parenthesised working left out) must be followed by at
                        most eight words, none of them a verb such as is, are,
                        has, will, before the sentence ends ("So, Emma has
-                       8 - 7 = 1 coin left.", "..., so she has 25 books now.").
+                       8 - 7 = 1 coin left.", "..., so she has 25 books now.");
+                       a concluding sentence without digits reads its last
+                       number spelled out, followed by at most three words
+                       ("So, she has twenty-four apples left."; a lone "one"
+                       or "zero" is no value).
                        A later sentence whose last number is an "=" result
                        with units or ``$`` ("= 138 flowers.", "= $18."), or
                        with at most five words before it ("She makes 9 * 2 =
@@ -574,6 +578,11 @@ def _conclusion_value(text: str) -> float | None:
         concluding = _CONCLUDING.search(s)
         s = _PARENTHESES.sub(" ", s[concluding.start():] if concluding else s)
         nums = list(_NUM.finditer(s))
+        if concluding and not nums:  # the value in words: "So, she has twenty-four apples left."
+            spelled = _spelled_conclusion(s)
+            if spelled is not None:
+                found = spelled
+            continue
         tail = s[nums[-1].end():] if nums else ""
         if not nums or not _CONCLUSION_TAIL.fullmatch(tail) or _CLAUSE_VERB.search(tail):
             continue
@@ -584,6 +593,26 @@ def _conclusion_value(text: str) -> float | None:
                 or len(_WORD.findall(s[:nums[-1].start()])) <= _RESULT_LEAD_WORDS):
             found = None  # a later result supersedes it: "= 138 flowers", "= $18", "She makes 9 * 2 = 18."
     return found
+
+
+_SPELLED_WORDS = "|".join(sorted(_UNITS + _TENS, key=len, reverse=True))
+_SPELLED_RUN = re.compile(  # a number spelled out: "twenty-four", "one hundred and five"
+    rf"\b(?:{_SPELLED_WORDS})\b(?:[ \t-]+(?:{_SPELLED_WORDS}|hundred|thousand|million|and)\b)*", re.IGNORECASE)
+_SPELLED_TAIL = re.compile(r"[ \t]*(?:[A-Za-z]+[ \t]*){0,3}[.!*_ \t]*")
+
+
+def _spelled_conclusion(sentence: str) -> float | None:
+    """The last number spelled out in a concluding sentence without digits, followed by at most
+    three words (units) before the sentence ends; a lone "one" or "zero" ("no one", "each one")
+    is no value."""
+    runs = list(_SPELLED_RUN.finditer(sentence))
+    if not runs or runs[-1].group(0).lower() in ("one", "zero"):
+        return None
+    run = runs[-1]
+    tail = sentence[run.end():]
+    if not _SPELLED_TAIL.fullmatch(tail) or _CLAUSE_VERB.search(tail) or _NOT_UNITS.search(tail):
+        return None
+    return _words_value(sentence[run.start():])
 
 
 def _seed_rules(text: str) -> dict[str, float | None]:

@@ -1091,3 +1091,17 @@ def test_a_number_longer_than_a_float_keeps_is_flagged():
     assert d.value == 1e40 and d.needs_review
     assert not extract_details("999999999999999", "robust").needs_review  # 15 digits: still a number
     assert not extract_details(cut, "seed").needs_review  # seed mode as before
+
+
+@pytest.mark.parametrize("text,value,rule", [
+    ("So, she has twenty-four apples left. She gave away 6 of the 30 apples.", 24.0, "conclusion"),
+    ("Thus Sam has one hundred and five marbles. He started with 50 marbles in 2 boxes.", 105.0, "conclusion"),
+    ("So, no one knows. She has 30 apples and gave 6 away.", 6.0, "last_number"),  # "no one" is no value
+    ("So each of them gets one of the 4 pens. Then 3 + 4 = 7.", 7.0, "last_number"),
+    ("So, she has twenty-four apples left.\n6 + 30 = 36", 36.0, "last_number"),  # later working supersedes it
+    ("So she has twenty apples more than the 30 she had. She had 4 bags.", 4.0, "last_number"),  # with digits: as before
+])
+def test_robust_conclusion_in_words(text, value, rule):
+    d = extract_details(text, "robust")
+    assert (d.value, d.rule) == (value, rule)
+    assert d.needs_review or rule == "last_number"
