@@ -237,8 +237,10 @@ _NEW_SENTENCE = re.compile(
 )
 _WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?")
 _LINK = re.compile(r"\b(?:is|are|was|were|equals?|total|be)\b|[=:]", re.IGNORECASE)
-# a fraction, or a mixed number, that the first-line rule reads as its value
-_LINE_FRACTION = re.compile(r"(?<![\d.,/])(?:(?P<whole>\d+)[ \t]+)?(?P<num>\d+)[ \t]*/[ \t]*(?P<den>\d+)(?![\d.,/])")
+# Fractions, read as their value: written with an unspaced slash ("3/4"; "12 / 3" is a chain)
+_SLASH_DEN = r"/(?P<den>\d+)(?![\d.,/])"  # a fraction's "/4": an unspaced slash and a whole number
+_DENOMINATOR = re.compile(_SLASH_DEN)  # after a number read by a statement, ``####`` or a box
+_LINE_FRACTION = re.compile(rf"(?<![\d.,/])(?:(?P<whole>\d+)[ \t]+)?(?P<num>\d+){_SLASH_DEN}")  # on the first line
 _AFTER_OK = re.compile(r"[ \t]*(?:[A-Za-z]+(?:'[A-Za-z]+)?[ \t]*){0,3}[.!$* \t]*")
 
 # Thousands written with a LaTeX thin space, "{,}", a Unicode (thin/no-break) space or an
@@ -254,10 +256,8 @@ _UNITS = ("zero one two three four five six seven eight nine ten eleven twelve t
           "fifteen sixteen seventeen eighteen nineteen").split()
 _TENS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
 _NUMBER_WORD = {w: i for i, w in enumerate(_UNITS)} | {w: 10 * (i + 2) for i, w in enumerate(_TENS)}
-_WORD_NUMBER = re.compile(
-    rf"(?:(?:{'|'.join(sorted(_UNITS + _TENS, key=len, reverse=True))}|hundred|thousand|million|and)\b|[ \t-])+",
-    re.IGNORECASE,
-)
+_SPELLED_WORDS = "|".join(sorted(_UNITS + _TENS, key=len, reverse=True))
+_WORD_NUMBER = re.compile(rf"(?:(?:{_SPELLED_WORDS}|hundred|thousand|million|and)\b|[ \t-])+", re.IGNORECASE)
 # A concluding sentence: it opens with a concluding word, or has a ", so ..." clause.
 _CONCLUDING = re.compile(
     r"^[#*>_ \t-]*(?:so|therefore|thus|hence|altogether|overall|finally"
@@ -311,15 +311,12 @@ def parse_number(token: str) -> float:
     return _to_float(m)
 
 
-_SLASH_DEN = re.compile(r"/(\d+)(?![\d.,/])")
-
-
 def _read(s: str, m: re.Match) -> float:
     """The number at ``m``, or the fraction it starts when an unspaced slash and a whole number follow
     ("3/4" -> 0.75)."""
-    den = _SLASH_DEN.match(s, m.end())
-    if den and int(den[1]) != 0 and "%" not in m.group(0):
-        return _to_float(m) / int(den[1])
+    den = _DENOMINATOR.match(s, m.end())
+    if den and int(den["den"]) != 0 and "%" not in m.group(0):
+        return _to_float(m) / int(den["den"])
     return _to_float(m)
 
 
@@ -595,24 +592,21 @@ def _conclusion_value(text: str) -> float | None:
     return found
 
 
-_SPELLED_WORDS = "|".join(sorted(_UNITS + _TENS, key=len, reverse=True))
 _SPELLED_RUN = re.compile(  # a number spelled out: "twenty-four", "one hundred and five"
     rf"\b(?:{_SPELLED_WORDS})\b(?:[ \t-]+(?:{_SPELLED_WORDS}|hundred|thousand|million|and)\b)*", re.IGNORECASE)
-_SPELLED_TAIL = re.compile(r"[ \t]*(?:[A-Za-z]+[ \t]*){0,3}[.!*_ \t]*")
 
 
 def _spelled_conclusion(sentence: str) -> float | None:
-    """The last number spelled out in a concluding sentence without digits, followed by at most
-    three words (units) before the sentence ends; a lone "one" or "zero" ("no one", "each one")
-    is no value."""
+    """The last number spelled out in a concluding sentence without digits, with the tail a
+    conclusion in digits may have and at most three words of units (``_words_value``); a lone "one"
+    or "zero" ("no one", "each one") is no value."""
     runs = list(_SPELLED_RUN.finditer(sentence))
     if not runs or runs[-1].group(0).lower() in ("one", "zero"):
         return None
-    run = runs[-1]
-    tail = sentence[run.end():]
-    if not _SPELLED_TAIL.fullmatch(tail) or _CLAUSE_VERB.search(tail) or _NOT_UNITS.search(tail):
+    tail = sentence[runs[-1].end():]
+    if not _CONCLUSION_TAIL.fullmatch(tail) or _CLAUSE_VERB.search(tail):
         return None
-    return _words_value(sentence[run.start():])
+    return _words_value(sentence[runs[-1].start():])
 
 
 def _seed_rules(text: str) -> dict[str, float | None]:

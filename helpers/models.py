@@ -595,7 +595,8 @@ def _folder_stamp(path) -> tuple:
     path = Path(path)
     if not path.is_dir():
         return ()
-    return tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file()))
+    return tuple(sorted((f.name, st.st_size, st.st_mtime_ns) for f in path.iterdir() if f.is_file()
+                        for st in [f.stat()]))
 
 
 @functools.lru_cache(maxsize=8)

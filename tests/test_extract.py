@@ -1072,6 +1072,7 @@ def test_robust_new_rules_stay_fast_on_long_text():
 @pytest.mark.parametrize("text,value,rule", [
     ("1/4\nQuestion: What is 2 + 2?\nAnswer: 4", 0.25, "first_line"),   # a base model's first line
     ("2 1/2 cups\n\nShe uses 5 cups in all.", 2.5, "first_line"),        # a mixed number
+    ("1 / 4 cup\n\nShe uses 5 cups in all.", 5.0, "last_number"),       # spaced: no fraction, as in statements
     ("The answer is 3/4 of a cup.", 0.75, "answer_phrase"),
     ("#### 3/4", 0.75, "hashes"),
     ("\\boxed{3/4}", 0.75, "boxed"),
