@@ -9,6 +9,9 @@ PROFILE ?= quick
 TORCH  ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
 STAMP  := $(VENV)/.installed
 NPROC  := $(shell nproc 2>/dev/null || echo 2)
+# make test runs the tests in this many processes (pytest-xdist), one per core up to 4, each on its own
+# share of the cores (tests/conftest.py); 0 on one core (no workers)
+WORKERS := $(shell n=$(NPROC); [ $$n -gt 4 ] && n=4; [ $$n -lt 2 ] && n=0; echo $$n)
 
 .PHONY: setup run test bench lab clean gpu-check
 
@@ -48,7 +51,7 @@ run: $(STAMP)
 	$(BIN)/python -m helpers.pipeline --profile $(PROFILE)
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(WORKERS) --dist loadgroup
 
 bench: $(STAMP)
 	$(BIN)/python -m helpers.bench

@@ -21,6 +21,23 @@ CORPUS = [
 ]
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (``make test`` runs ``-n``), each worker keeps its own share of the cores,
+    and so do the processes it starts (notebook kernels, servers): torch's and llama.cpp's thread
+    pools size themselves to it instead of every worker spinning threads on every core."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker and count > 1 and hasattr(os, "sched_setaffinity"):
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) >= count:
+            os.sched_setaffinity(0, cpus[int(worker.removeprefix("gw")) % count::count])
+
+
+def pytest_collection_modifyitems(config, items):
+    """The end-to-end runs first: under pytest-xdist one worker starts on them while the others
+    share everything else."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def make_tokenizer(chat_template: bool = True, vocab_size: int = 300):
     """Byte-level BPE trained on CORPUS (lossless on any text); another ``vocab_size`` gives another
     segmentation of the same texts, with the same special tokens."""

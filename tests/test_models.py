@@ -146,6 +146,89 @@ def test_damaged_model_cache_is_named_and_rebuilt(tiny_dir, tmp_path, monkeypatc
     assert not [p for p in cached.parent.iterdir() if p.name.endswith(".tmp")]  # no stray temporaries
 
 
+def test_processes_needing_the_same_cached_copy_convert_it_once(tiny_dir, tmp_path, monkeypatch):
+    """Two callers at once (threads here; notebooks or test workers in practice): one converts, the
+    other waits on the lock and then uses that copy."""
+    import threading
+    import time
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    conversions, real, real_tok = [], AutoModelForCausalLM.from_pretrained, AutoTokenizer.from_pretrained
+
+    def slow_load(path, *args, gguf_file=None, **kw):
+        conversions.append(gguf_file)
+        time.sleep(0.5)  # long enough for the other caller to arrive while this one converts
+        return real(path, *args, **kw)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", staticmethod(slow_load))
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained",
+                        staticmethod(lambda path, *a, gguf_file=None, **kw: real_tok(path, *a, **kw)))
+    monkeypatch.setenv("KD_GSM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(models.EMBEDDED, "tiny-embedded", ("tiny_pkg", "tiny.gguf"))
+    monkeypatch.setattr(models, "gguf_location", lambda name: (Path(tiny_dir), "tiny.gguf"))
+    got, errors = [], []
+
+    def resolve():
+        try:
+            got.append(models.embedded_path("tiny-embedded"))
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    callers = [threading.Thread(target=resolve) for _ in range(2)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join()
+    assert not errors and len(got) == 2 and got[0] == got[1]
+    assert conversions == ["tiny.gguf"] and models.cache_problem(got[0]) is None
+
+
+def test_a_verified_cache_is_not_read_again_until_a_file_changes(tiny_dir, tmp_path, monkeypatch):
+    """A cached copy's digests are computed once; later checks (in any process) compare each file's
+    size, inode and times with VERIFIED.json. A same-size change is caught even with its
+    modification time put back (the change time moves), as is a damaged VERIFIED.json."""
+    import json
+    import os
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from helpers import artifacts
+
+    def without_gguf(real):
+        return staticmethod(lambda path, *args, gguf_file=None, **kw: real(path, *args, **kw))
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", without_gguf(AutoModelForCausalLM.from_pretrained))
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", without_gguf(AutoTokenizer.from_pretrained))
+    monkeypatch.setenv("KD_GSM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(models.EMBEDDED, "tiny-embedded", ("tiny_pkg", "tiny.gguf"))
+    monkeypatch.setattr(models, "gguf_location", lambda name: (Path(tiny_dir), "tiny.gguf"))
+    cached = models.embedded_path("tiny-embedded")
+    recorded = sorted(json.loads((cached / "SOURCE.json").read_text())["files"])
+    read, digest = [], artifacts.file_digest
+    monkeypatch.setattr(artifacts, "file_digest", lambda path, n=16: read.append(Path(path).name) or digest(path, n))
+    assert models.cache_problem(cached) is None and sorted(read) == recorded  # every file read once
+    read.clear()
+    assert models.cache_problem(cached) is None and read == []  # then none
+    assert models.embedded_path("tiny-embedded") == cached and read == []
+
+    weights = cached / "model.safetensors"
+    good, before = weights.read_bytes(), weights.stat()
+    weights.write_bytes(good[:-1] + bytes([good[-1] ^ 0xFF]))  # same size, other bytes, same mtime
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert weights.stat().st_mtime_ns == before.st_mtime_ns
+    assert "corrupted" in models.cache_problem(cached) and read == ["model.safetensors"]
+    weights.write_bytes(good)
+    read.clear()
+    assert models.cache_problem(cached) is None and read == ["model.safetensors"]
+    read.clear()
+    assert models.cache_problem(cached) is None and read == []
+    (cached / models.VERIFIED).write_text("[not json")
+    assert models.cache_problem(cached) is None and sorted(read) == recorded
+
+
 # --------------------------------------------------------------------------- GGUFs shipped in slices
 def _gguf_bytes(architecture: str = "qwen2", before: bytes = b"", n_before: int = 0, tail: bytes = b"") -> bytes:
     """A GGUF v3 header: ``n_before`` key-value pairs (``before``), then general.architecture."""

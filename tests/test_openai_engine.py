@@ -24,6 +24,8 @@ from test_backends import GGUF_Q4, conform, samples_with_the_seeded_torch_genera
 
 SERVER_PACKAGES = ("llama_cpp", "fastapi", "uvicorn", "sse_starlette", "starlette_context", "pydantic_settings")
 missing = [p for p in SERVER_PACKAGES if importlib.util.find_spec(p) is None]
+# under pytest-xdist these tests stay on one worker, which starts the module's server once
+pytestmark = pytest.mark.xdist_group("llama_cpp_server")
 needs_server = pytest.mark.skipif(bool(missing), reason=f"llama-cpp-python's server is not installed (missing "
                                   f"{', '.join(missing)}; pip install -e .[cpu-fast,test])")
 
