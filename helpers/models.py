@@ -508,7 +508,11 @@ def embedded_path(name: str, *, rebuild: bool = False) -> Path:
     rebuild = rebuild or os.environ.get("KD_GSM_REBUILD_CACHE") == "1"
     if not rebuild and cache_problem(target) is None:
         return target
-    with exclusive(target.with_name(f".{target.name}.lock")):  # another process may be converting it
+    # another process may be converting it; the lock lives outside the cache, which stays untouched
+    # when the conversion cannot start (its package missing)
+    key = hashlib.sha256(str(target.resolve()).encode()).hexdigest()[:16]
+    lock = Path(tempfile.gettempdir()) / f"kd-gsm-{key}.lock"
+    with exclusive(lock):
         problem = "rebuild requested" if rebuild and target.exists() else cache_problem(target)
         if problem is None:
             return target
