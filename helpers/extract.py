@@ -31,7 +31,10 @@ within each rule:
                        "N is the answer to your (...) question": the last
                        number of the clause before "is".
 2. ``boxed``         - ``\\boxed{...}`` with LaTeX cleaned up (``\\$``, ``\\%``,
-                       ``\\text{}``, ``\\,``, ``{,}``); ``\\frac{a}{b}`` -> a/b.
+                       ``\\text{}``, ``\\,``, ``{,}``); ``\\frac{a}{b}`` -> a/b;
+                       an equation's right-hand side (``2 + 3 = 5`` -> 5);
+                       no number from an expression in words or unknowns
+                       (``70 \\times \\text{hours} + 105``).
 3. ``hashes``        - GSM8K style ``#### 18``.
    (These two, and the statements below, read a fraction written with an
    unspaced slash as its value: ``#### 3/4`` -> 0.75.)
@@ -390,11 +393,21 @@ def _boxed_contents(text: str) -> list[str]:
     return [content for _, content in sorted(found)]
 
 
+_BOX_RESULT = re.compile(r"=|\\approx|≈")  # what follows the last of these is the box's result
+_BOX_OPERATOR = re.compile(r"\\times|\\cdot|\\div|[×÷*+]|\s[-−]\s")
+_LATEX_COMMAND = re.compile(r"\\[A-Za-z]+")
+
+
 def _boxed_value(content: str) -> float | None:
-    """First number of LaTeX box content, after cleaning; fractions evaluated."""
+    """First number of LaTeX box content, after cleaning; fractions evaluated. An equation reads its
+    right-hand side (``2 + 3 = 5``, ``x = 9``, ``\\frac{110}{3} \\approx 36.67``); an expression
+    with words or unknowns in it (``70 \\times \\text{hours worked} + 105``) is no number."""
     s = content.replace("{,}", "").replace("\\,", "")
     s = s.replace("\\$", "").replace("\\%", "")
     s = _TEXT_WRAP.sub(r" \1 ", s)
+    s = _BOX_RESULT.split(s)[-1]
+    if _BOX_OPERATOR.search(s) and re.search(r"[A-Za-z]", _LATEX_COMMAND.sub(" ", s)):
+        return None
     num, frac = _NUM.search(s), _FRAC.search(s)
     if frac and (num is None or frac.start() <= num.start()):
         try:

@@ -27,7 +27,7 @@ from typing import Iterator
 import yaml
 
 from . import __version__, report, settings
-from .artifacts import file_digest, fingerprint, one_line, read_json, write_json
+from .artifacts import exclusive, file_digest, fingerprint, one_line, read_json, write_json
 
 PROJECT = Path(__file__).resolve().parent.parent
 KERNEL = "kd-gsm"
@@ -41,19 +41,27 @@ def parse_set(items: list[str]) -> dict:
     """``["n_test=8", "student=/models/x"]`` -> dict, values read as YAML scalars (``2e-5`` is a number)."""
     return dict(settings.parse_assignment(item) for item in items)
 
-def ensure_kernel() -> str:
-    """A Jupyter kernel that runs this very Python (so notebooks see the same packages)."""
+def _kernel_is_ours() -> bool:
     from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
     try:
         spec = KernelSpecManager().get_kernel_spec(KERNEL)
-        if spec.argv and Path(spec.argv[0]).resolve() == Path(sys.executable).resolve():
-            return KERNEL
     except NoSuchKernel:
-        pass
+        return False
+    return bool(spec.argv) and Path(spec.argv[0]).resolve() == Path(sys.executable).resolve()
+
+
+def ensure_kernel() -> str:
+    """A Jupyter kernel that runs this very Python (so notebooks see the same packages). Runs
+    started at once (two test workers, two terminals) install it one after the other: the
+    installer replaces the kernel's folder, which another installer may be copying."""
+    if _kernel_is_ours():
+        return KERNEL
     from ipykernel.kernelspec import install
 
-    install(kernel_name=KERNEL, display_name="Python (kd-gsm)", prefix=sys.prefix)
+    with exclusive(Path(sys.prefix) / "share" / "jupyter" / f".{KERNEL}-kernel.lock"):
+        if not _kernel_is_ours():
+            install(kernel_name=KERNEL, display_name="Python (kd-gsm)", prefix=sys.prefix)
     return KERNEL
 
 

@@ -109,7 +109,19 @@ BOXED_FORMATS = [
     (r"\boxed{12.5}", 12.5),
     (r"\boxed {7}", 7.0),
     (r"\boxed{\mathrm{x} = 9}", 9.0),
+    (r"\boxed{2 + 3 = 5}", 5.0),  # an equation: its right-hand side
+    (r"\boxed{\$1500 + \$3000 = \$4500}", 4500.0),
+    (r"\boxed{\frac{110}{3} \approx 36.67}", 36.67),
+    (r"\boxed{5 \text{ pounds/day}}", 5.0),
 ]
+
+
+@pytest.mark.parametrize("box", [r"\boxed{70 \times \text{hours of freelance work} + 105}", r"\boxed{5x + 3}",
+                                 r"\boxed{2 \cdot n}"])
+def test_robust_boxed_expression_in_an_unknown_is_no_answer(box):
+    """A box holding an expression in words or unknowns states no number: flagged, whatever else is read."""
+    d = extract_details("So she saves 70 an hour and 105 on fees.\nThe difference is:\n" + box)
+    assert d.candidates.get("boxed") is None and d.needs_review
 
 
 @pytest.mark.parametrize("text, expected", BOXED_FORMATS)

@@ -29,6 +29,35 @@ def test_profile_errors(tmp_path):
         "n_test": 8, "data_dir": None, "student": "a/b", "training": {"lr": 2e-5}}
 
 
+def test_runs_started_at_once_install_the_kernel_once(tmp_path, monkeypatch):
+    """The kernel's installer replaces its folder: two runs starting together (two test workers)
+    must not both install, or one copies into a folder the other is replacing."""
+    import sys
+    import threading
+    import time
+
+    import ipykernel.kernelspec
+
+    installed, active, most = [], [], [0]
+
+    def install(**kw):
+        active.append(1)
+        most[0] = max(most[0], len(active))
+        time.sleep(0.3)  # long enough for the other run to arrive
+        installed.append(kw["kernel_name"])
+        active.pop()
+
+    monkeypatch.setattr(pipeline, "_kernel_is_ours", lambda: bool(installed))
+    monkeypatch.setattr(ipykernel.kernelspec, "install", install)
+    monkeypatch.setattr(sys, "prefix", str(tmp_path))  # the lock lives in the environment's share/jupyter
+    runs = [threading.Thread(target=pipeline.ensure_kernel) for _ in range(2)]
+    for t in runs:
+        t.start()
+    for t in runs:
+        t.join()
+    assert installed == [pipeline.KERNEL] and most[0] == 1
+
+
 def test_unknown_stage_and_missing_notebook(tmp_path):
     with pytest.raises(ValueError, match="no such stage"):
         pipeline.run_profile("smoke", root=tmp_path, only=["04_nothing"])
