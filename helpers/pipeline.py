@@ -41,6 +41,7 @@ def parse_set(items: list[str]) -> dict:
     """``["n_test=8", "student=/models/x"]`` -> dict, values read as YAML scalars (``2e-5`` is a number)."""
     return dict(settings.parse_assignment(item) for item in items)
 
+
 def _kernel_is_ours() -> bool:
     from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
