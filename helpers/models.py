@@ -620,13 +620,12 @@ def load_tokenizer(name_or_path: str):
 
 
 def _folder_stamp(path) -> tuple:
-    """Names, sizes and modification times of a local folder's files (a changed folder is read again);
-    () for a hub id."""
+    """Each file's name and ``_identity`` in a local folder (a changed folder is read again); () for a
+    hub id."""
     path = Path(path)
     if not path.is_dir():
         return ()
-    return tuple(sorted((f.name, st.st_size, st.st_mtime_ns) for f in path.iterdir() if f.is_file()
-                        for st in [f.stat()]))
+    return tuple(sorted((f.name, *_identity(f.stat())) for f in path.iterdir() if f.is_file()))
 
 
 @functools.lru_cache(maxsize=8)
